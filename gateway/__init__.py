@@ -1,0 +1,1 @@
+"""The HTTP edge: /api/v1 (port 8080) and the OpenAI-compatible Lite API /v1 (port 8000)."""

@@ -1,0 +1,100 @@
+"""The Quart apps and the process that serves them (hypercorn), sharing one GatewayCore."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from gateway.api_v1 import health, inference, models
+from gateway.api_v1.auth import require_api_key
+from gateway.core import GatewayCore
+from gateway.http_errors import error_response
+from gateway.settings import GatewaySettings
+from schemas.errors import CyError, ErrorCode
+
+log = structlog.get_logger()
+
+_HTTP_CODES = {400: ErrorCode.INVALID_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
+               404: ErrorCode.MODEL_NOT_FOUND, 413: ErrorCode.INVALID_REQUEST, 429: ErrorCode.RATE_LIMITED}
+
+
+def create_api_app(core: GatewayCore) -> Quart:
+    """The spec's REST API under /api/v1, every route behind X-API-Key."""
+    app = Quart("cy-llm-api")
+    app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    for module in (inference, models, health):
+        app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
+
+    @app.before_request
+    async def authenticate() -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(service="gateway", path=request.path)
+        require_api_key(core.settings.api_key)
+
+    @app.errorhandler(CyError)
+    async def on_cy_error(exc: CyError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 404:
+            error = CyError(ErrorCode.INVALID_REQUEST, f"no route {request.method} {request.path}")
+            response = error_response(error)
+            response.status_code = 404
+            return response
+        code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
+        message = f"request body exceeds {core.settings.max_body_bytes} bytes" if status == 413 else (
+            exc.description or exc.name)
+        response = error_response(CyError(code, message))
+        response.status_code = status
+        return response
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(exc: Exception) -> Response:
+        log.exception("unhandled_error")
+        return error_response(CyError(ErrorCode.INTERNAL_ERROR, "internal error"))
+
+    return app
+
+
+def hypercorn_config(host: str, port: int) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 30
+    config.keep_alive_timeout = 75
+    return config
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Serve /api/v1 and /v1 until `stop` is set; then refuse new work and let open streams finish."""
+    if not settings.api_key:
+        raise SystemExit("CY_LLM_API_KEY is not set: the gateway never runs without authentication")
+    core = GatewayCore(settings)
+    await core.start()
+    apps = [(create_api_app(core), settings.port)]
+    try:
+        from gateway.openai.app import create_lite_app
+    except ImportError:
+        pass
+    else:
+        apps.append((create_lite_app(core), settings.lite_port))
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        core.draining = True
+
+    log.info("gateway_listening", api=f"http://{settings.host}:{settings.port}/api/v1",
+             lite=f"http://{settings.host}:{settings.lite_port}/v1" if len(apps) > 1 else None)
+    try:
+        await asyncio.gather(*(hypercorn_serve(app, hypercorn_config(settings.host, port),  # type: ignore[arg-type]
+                                               shutdown_trigger=shutdown_trigger) for app, port in apps))
+    finally:
+        await core.close()

@@ -1,0 +1,53 @@
+"""What both HTTP apps share in one process: the NATS connection, the workers view, the registry."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from gateway.nats_client import InferenceClient
+from gateway.settings import GatewaySettings
+from gateway.workers import WorkersView
+from schemas import subjects
+from services import streams
+from services.engine.registry import Registry, load_registry
+from services.runtime import connect_nats
+
+
+class GatewayCore:
+    def __init__(self, settings: GatewaySettings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or load_registry()
+        self.workers = WorkersView()
+        self.started_at = datetime.now(UTC)
+        self.draining = False
+        self.nc: NATS
+        self.js: JetStreamContext
+        self.inference: InferenceClient
+
+    async def start(self) -> None:
+        self.nc = await connect_nats(self.settings, name="cy-gateway")
+        self.js = self.nc.jetstream()
+        await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        kv = await streams.ensure_workers_bucket(self.js)
+        await self.workers.start(self.nc, kv)
+        self.inference = InferenceClient(
+            self.nc, self.js, self.workers, queue_timeout=self.settings.queue_timeout,
+            request_timeout=self.settings.request_timeout)
+
+    async def close(self) -> None:
+        if getattr(self, "nc", None) is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def queue_state(self) -> tuple[int, int]:
+        """(pendingTasks, maxSize) straight from the work-queue stream."""
+        info = await self.js.stream_info(subjects.GENERATE_STREAM)
+        return int(info.state.messages), int(info.config.max_msgs or self.settings.queue_max_size)
+
+    async def nats_latency_ms(self) -> float:
+        started = time.perf_counter()
+        await self.nc.flush(timeout=2)
+        return (time.perf_counter() - started) * 1000

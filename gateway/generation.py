@@ -1,0 +1,100 @@
+"""Shared by both HTTP APIs: build the wire request, run it to completion, or stream it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from gateway.core import GatewayCore
+from gateway.nats_client import ReplyStream
+from schemas.errors import CyError, ErrorCode
+from schemas.inference import Accepted, GenerateRequest, StreamEnd, StreamError, TokenChunk
+
+log = structlog.get_logger()
+
+# How long a streaming request waits for its first reply before the SSE response starts anyway
+# (errors found before that get a real HTTP status; later ones become an SSE error event).
+FIRST_REPLY_GRACE_S = 2.0
+
+
+def new_trace_id(prefix: str = "gen") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def resolve_model(core: GatewayCore, model_id: str, field: str = "modelId") -> str:
+    """Registry id for `model_id` ("default" allowed). Raises CyError(MODEL_NOT_FOUND)."""
+    from schemas.errors import ErrorDetail
+
+    resolved = core.registry.resolve(model_id)
+    if resolved is None:
+        raise CyError(ErrorCode.MODEL_NOT_FOUND, f"Invalid model ID: {model_id}",
+                      details=[ErrorDetail(type="model_not_found", field=field,
+                                           description=f"Model '{model_id}' is not configured")])
+    return resolved[0]
+
+
+def admit(core: GatewayCore, request: GenerateRequest) -> GenerateRequest:
+    """Refuse early (draining gateway, no ready worker) and stamp the queue deadline."""
+    if core.draining:
+        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the gateway is shutting down", retryable=True,
+                      retry_after=5)
+    core.inference.check_ready(request.model_id)
+    request.deadline_ms = int((time.time() + core.settings.queue_timeout) * 1000)
+    return request
+
+
+@dataclass
+class Outcome:
+    """What one request produced (for the response body and the canonical log line)."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    worker_id: str = ""
+    ttft_ms: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def observe(self, reply: Accepted | TokenChunk | StreamEnd | StreamError) -> None:
+        """Fold one reply in. Raises CyError for StreamError."""
+        match reply:
+            case Accepted():
+                self.prompt_tokens, self.worker_id = reply.prompt_tokens, reply.worker_id
+            case TokenChunk():
+                if self.ttft_ms is None:
+                    self.ttft_ms = (time.monotonic() - self.started) * 1000
+                self.text.append(reply.chunk)
+                if reply.finish_reason:
+                    self.finish_reason = reply.finish_reason
+            case StreamEnd():
+                self.finish_reason = reply.finish_reason
+                self.prompt_tokens, self.completion_tokens = reply.prompt_tokens, reply.completion_tokens
+            case StreamError():
+                raise CyError(reply.code, reply.message, retryable=reply.retryable, retry_after=reply.retry_after)
+
+    def log_fields(self) -> dict[str, object]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
+                "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+                "finish_reason": self.finish_reason, "worker_id": self.worker_id or None}
+
+
+async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome) -> Outcome:
+    """Run a request to its end. Raises CyError on any failure."""
+    async with core.inference.open(admit(core, request)) as stream:
+        while not stream.finished:
+            reply = await stream.next()
+            if reply is not None:
+                outcome.observe(reply)
+    return outcome
+
+
+@contextlib.asynccontextmanager
+async def streaming(core: GatewayCore, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
+    async with core.inference.open(admit(core, request)) as stream:
+        yield stream

@@ -1,0 +1,35 @@
+"""Gateway configuration: one frozen object read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import msgspec
+
+from services.runtime import NatsSettings, load_settings
+
+
+class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
+    """CY_LLM_<FIELD> variables; `gateway_api_token` is also read from GATEWAY_API_TOKEN (the spec's name)."""
+
+    api_key: str = ""
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    lite_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    gateway_api_token: str = ""
+    # Seconds a request may wait in the queue for a worker before 503.
+    queue_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # Hard limit on one request end to end.
+    request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
+    keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+
+
+def load_gateway_settings(env: dict[str, str] | None = None) -> GatewaySettings:
+    env = dict(os.environ if env is None else env)
+    if env.get("GATEWAY_API_TOKEN") and not env.get("CY_LLM_GATEWAY_API_TOKEN"):
+        env["CY_LLM_GATEWAY_API_TOKEN"] = env["GATEWAY_API_TOKEN"]
+    return load_settings(GatewaySettings, env=env)

@@ -1,0 +1,100 @@
+"""The gateway's live view of the workers, fed by the workers KV bucket (a core subscription on its subjects)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from schemas import codec, subjects
+from schemas.workers import WorkerInfo
+from services.streams import WORKERS_TTL_S
+
+log = structlog.get_logger()
+
+ModelState = Literal["ready", "loading", "failed", "unavailable"]
+
+
+class WorkersView:
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerInfo] = {}
+
+    async def start(self, nc: NATS, kv: KeyValue) -> None:
+        await nc.subscribe(subjects.workers_updates(), cb=self._on_update)
+        try:
+            for key in await kv.keys():
+                entry = await kv.get(key)
+                if entry.value:
+                    self._store(codec.worker_decoder.decode(entry.value))
+        except Exception as exc:  # empty bucket raises NoKeysError
+            log.debug("workers_initial_load", note=repr(exc))
+
+    def _store(self, info: WorkerInfo) -> None:
+        self._workers[info.worker_id] = info
+
+    async def _on_update(self, msg: Msg) -> None:
+        op = (msg.headers or {}).get("KV-Operation")
+        if op in ("DEL", "PURGE"):
+            for wid in [w for w in self._workers if subjects.worker_key(w) == msg.subject.rsplit(".", 1)[-1]]:
+                self._workers.pop(wid, None)
+            return
+        try:
+            self._store(codec.worker_decoder.decode(msg.data))
+        except Exception as exc:
+            log.warning("worker_announcement_undecodable", error=repr(exc))
+
+    # --- derived state ---------------------------------------------------------------------------
+    @staticmethod
+    def age(info: WorkerInfo) -> float:
+        return time.time() - info.heartbeat_ms / 1000
+
+    def is_healthy(self, info: WorkerInfo) -> bool:
+        return self.age(info) <= 3 * info.heartbeat_interval + 1.0
+
+    def workers(self) -> list[WorkerInfo]:
+        """Known workers, forgetting those silent for longer than the bucket TTL."""
+        for wid, info in list(self._workers.items()):
+            if self.age(info) > WORKERS_TTL_S:
+                del self._workers[wid]
+        return list(self._workers.values())
+
+    def get(self, worker_id: str) -> WorkerInfo | None:
+        return self._workers.get(worker_id)
+
+    def is_alive(self, worker_id: str) -> bool:
+        info = self._workers.get(worker_id)
+        return info is not None and self.is_healthy(info) and not info.draining
+
+    def model_state(self, model_id: str) -> ModelState:
+        states = [
+            m.status
+            for w in self.workers()
+            if self.is_healthy(w) and not w.draining
+            for m in w.models
+            if m.model_id == model_id
+        ]
+        for state in ("ready", "loading", "failed"):
+            if state in states:
+                return state  # type: ignore[return-value]
+        return "unavailable"
+
+    def adapters(self, model_id: str) -> list[str]:
+        names: set[str] = set()
+        for w in self.workers():
+            if self.is_healthy(w):
+                for m in w.models:
+                    if m.model_id == model_id:
+                        names.update(m.adapters)
+        return sorted(names)
+
+    def engines(self, model_id: str) -> list[str]:
+        return sorted({m.engine for w in self.workers() for m in w.models if m.model_id == model_id})
+
+    def counts(self) -> tuple[int, int, int]:
+        ws = self.workers()
+        healthy = sum(1 for w in ws if self.is_healthy(w))
+        return len(ws), healthy, len(ws) - healthy

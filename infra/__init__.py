@@ -1,0 +1,1 @@
+"""Launchers, nats-server configuration, the model registry file and model preparation."""

@@ -1,0 +1,112 @@
+"""Inference events: the request a client publishes and the reply stream a worker sends back.
+
+Field names follow the spec's gRPC `StreamPredict` messages. Every field added after v1 must have a
+default so older payloads keep decoding (see tests/schemas/test_evolution.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from schemas.errors import ErrorCode
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class GenerationParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Sampling parameters. `temperature == 0` means greedy decoding."""
+
+    max_new_tokens: Annotated[int, msgspec.Meta(ge=1, le=32768)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] = 1.0
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
+    seed: int | None = None
+    # Generation stops before any of these strings; the stop text is not returned.
+    stop: list[str] = []
+
+
+class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Caller metadata (game servers: player and locale). Travels to the worker and into its logs."""
+
+    trace_id: str = ""
+    tenant: str = ""
+    player_id: str = ""
+    locale: str = ""
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Published on `subjects.generate_subject(model_id, tier)`.
+
+    Either `prompt` (raw text, used as is) or `messages` (the model's chat template is applied).
+    `trace_id` names the reply subject `subjects.stream_subject(trace_id)`; subscribe to it first.
+    """
+
+    trace_id: str
+    model_id: str
+    prompt: str = ""
+    messages: list[ChatMessage] | None = None
+    adapter: str = ""
+    priority: int = 0
+    generation: GenerationParams = msgspec.field(default_factory=GenerationParams)
+    metadata: Metadata = msgspec.field(default_factory=Metadata)
+    worker_hint: str = ""
+    # Unix epoch milliseconds after which nobody should start this request (0 = no deadline).
+    deadline_ms: int = 0
+    # Tokens per TokenChunk message (0 = the worker's default, 4).
+    stream_chunk_size: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+
+
+class Accepted(msgspec.Struct, tag="accepted", kw_only=True):
+    """First reply: names the worker (so the requester can watch its heartbeat) and the prompt size."""
+
+    trace_id: str
+    worker_id: str
+    prompt_tokens: int
+
+
+class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True, omit_defaults=True):
+    """`stream_chunk_size` tokens of generated text. `index` counts chunks from 0 so gaps show."""
+
+    trace_id: str
+    chunk: str
+    index: int
+    token_count: int = 0
+    end_of_stream: bool = False
+    finish_reason: FinishReason | None = None
+
+
+class StreamEnd(msgspec.Struct, tag="end", kw_only=True):
+    """Last reply of a successful stream: totals and timings."""
+
+    trace_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    chunks: int
+    worker_id: str = ""
+    ttft_ms: float = 0.0
+    duration_ms: float = 0.0
+
+
+class StreamError(msgspec.Struct, tag="error", kw_only=True):
+    """Last reply of a failed stream (may follow some chunks)."""
+
+    trace_id: str
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    retry_after: float = 0.0
+    worker_id: str = ""
+
+
+Reply = Accepted | TokenChunk | StreamEnd | StreamError

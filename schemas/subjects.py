@@ -1,0 +1,143 @@
+"""Every NATS subject, stream, consumer and KV bucket name, built from one versioned prefix.
+
+No other module writes a subject as a string literal. Model ids and worker ids become subject
+tokens through `token()`, which keeps `[A-Za-z0-9-]` and escapes everything else as `_xx` (hex),
+so "qwen2.5-7b" -> "qwen2_2e5-7b": reversible, and always a valid subject token and consumer name.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "cy.v1"
+_STREAM_PREFIX = "CY_V1"
+_BUCKET_PREFIX = "cy_v1"
+
+# Priority tiers, highest first. `priority > 0` -> high, `== 0` -> normal, `< 0` -> low.
+TIERS: tuple[str, ...] = ("high", "normal", "low")
+
+_SAFE = re.compile(r"[A-Za-z0-9-]")
+_TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def token(value: str) -> str:
+    """Escape an arbitrary id into one subject token (also a valid consumer name)."""
+    return "".join(ch if _SAFE.fullmatch(ch) else "".join(f"_{b:02x}" for b in ch.encode()) for ch in value)
+
+
+def untoken(value: str) -> str:
+    """Inverse of `token()`."""
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        if value[i] == "_":
+            out.append(int(value[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.extend(value[i].encode())
+            i += 1
+    return out.decode()
+
+
+def is_valid_trace_id(trace_id: str) -> bool:
+    """Trace ids name reply subjects, so they are restricted to one safe token."""
+    return bool(_TRACE_ID.match(trace_id))
+
+
+def tier_of(priority: int) -> str:
+    return "high" if priority > 0 else "normal" if priority == 0 else "low"
+
+
+# --- inference dispatch (JetStream work-queue stream) ---------------------------------------------
+GENERATE_STREAM = f"{_STREAM_PREFIX}_GENERATE"
+GENERATE_SUBJECTS = f"{PREFIX}.gen.>"
+
+
+def generate_subject(model_id: str, tier: str = "normal") -> str:
+    """Where a GenerateRequest for `model_id` is published (the tier comes from `priority`)."""
+    return f"{PREFIX}.gen.{token(model_id)}.{tier}"
+
+
+def hinted_subject(model_id: str, worker_id: str) -> str:
+    """Where a request that names a live worker in `worker_hint` is published."""
+    return f"{PREFIX}.gen.{token(model_id)}.hint.{token(worker_id)}"
+
+
+def model_requests_filter(model_id: str) -> str:
+    """Every request subject of one model (workers use it as a wake-up doorbell)."""
+    return f"{PREFIX}.gen.{token(model_id)}.>"
+
+
+def tier_consumer(model_id: str, tier: str) -> str:
+    """Durable pull consumer shared by every worker of `model_id`, one per tier."""
+    return f"gen_{token(model_id)}_{tier}"
+
+
+def hint_consumer(model_id: str, worker_id: str) -> str:
+    return f"hint_{token(model_id)}_{token(worker_id)}"
+
+
+# --- streaming back and cancelling (core NATS) ----------------------------------------------------
+def stream_subject(trace_id: str) -> str:
+    """Per-request reply subject: Accepted, TokenChunk..., then StreamEnd or StreamError."""
+    return f"{PREFIX}.stream.{trace_id}"
+
+
+def cancel_subject(trace_id: str) -> str:
+    """Publish anything here to abort the generation of `trace_id`."""
+    return f"{PREFIX}.cancel.{trace_id}"
+
+
+CANCEL_ALL = f"{PREFIX}.cancel.*"
+
+
+def trace_of_cancel(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+# --- workers registry (JetStream KV with TTL) -----------------------------------------------------
+WORKERS_BUCKET = f"{_BUCKET_PREFIX}_workers"
+
+
+def worker_key(worker_id: str) -> str:
+    return token(worker_id)
+
+
+# --- training ---------------------------------------------------------------------------------
+TRAINING_JOBS_BUCKET = f"{_BUCKET_PREFIX}_training_jobs"
+ADAPTERS_BUCKET = f"{_BUCKET_PREFIX}_adapters"
+TRAINING_QUEUE_STREAM = f"{_STREAM_PREFIX}_TRAINING_QUEUE"
+TRAINING_QUEUE_SUBJECT = f"{PREFIX}.training.queue"
+TRAINING_QUEUE_CONSUMER = "trainers"
+TRAINING_EVENTS_STREAM = f"{_STREAM_PREFIX}_TRAINING_EVENTS"
+TRAINING_EVENTS_SUBJECTS = f"{PREFIX}.training.events.>"
+TRAINING_CONTROL_ALL = f"{PREFIX}.training.control.*"
+TRAINING_API_ALL = f"{PREFIX}.training.api.*"
+
+
+def training_events_subject(job_id: str) -> str:
+    return f"{PREFIX}.training.events.{token(job_id)}"
+
+
+def training_control_subject(job_id: str) -> str:
+    """Cancel/pause signals for a running job (core NATS, every trainer listens)."""
+    return f"{PREFIX}.training.control.{token(job_id)}"
+
+
+def training_api_subject(verb: str) -> str:
+    """Request/reply for the TrainingService verbs: start, status, cancel, pause, resume, list."""
+    return f"{PREFIX}.training.api.{verb}"
+
+
+def adapter_key(model_id: str, adapter: str) -> str:
+    return f"{token(model_id)}.{token(adapter)}"
+
+
+def workers_updates() -> str:
+    """Every put/delete in the workers bucket, as seen by a plain core-NATS subscription."""
+    return f"$KV.{WORKERS_BUCKET}.>"
+
+
+def consumer_next_subject(stream: str, consumer: str) -> str:
+    """JetStream API: ask a pull consumer for its next message."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"

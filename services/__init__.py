@@ -1,0 +1,1 @@
+"""NATS services: engine workers and the LoRA trainer."""

@@ -1,0 +1,1 @@
+"""Engine workers: pull generate requests from JetStream and stream tokens back over NATS."""

@@ -1,0 +1,72 @@
+"""What the worker needs from an engine; each engine module implements it and translates its errors."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from schemas.errors import CyError, ErrorCode
+from schemas.inference import FinishReason, GenerateRequest, GenerationParams
+
+
+class TokenStep(msgspec.Struct):
+    """New token ids from the engine; `finish_reason` is set on the last step of a sequence."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+class Engine(abc.ABC):
+    """One loaded base model (plus its adapters) serving many concurrent sequences."""
+
+    name: str
+    device: str
+    max_model_len: int
+    slots: int
+    tokenizer: Any
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model. Raises CyError(INSUFFICIENT_RESOURCES/INTERNAL_ERROR) when it cannot."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
+        """Stream new tokens. Closing the iterator early aborts the sequence and frees its slot."""
+
+    def adapters(self) -> list[str]:
+        return []
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters()
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """Prompt token ids: the chat template for `messages`, the raw text for `prompt`.
+
+        Raises CyError(INVALID_REQUEST) for an empty prompt or one that leaves no room to generate.
+        """
+        if request.messages:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise CyError(ErrorCode.INVALID_REQUEST, "this model has no chat template; send `prompt`")
+            conversation = [{"role": m.role, "content": m.content} for m in request.messages]
+            ids = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        elif request.prompt:
+            ids = list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+        else:
+            raise CyError(ErrorCode.INVALID_REQUEST, "the request has neither `prompt` nor `messages`")
+        if len(ids) >= self.max_model_len:
+            raise CyError(
+                ErrorCode.INVALID_REQUEST,
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
+            )
+        return ids

@@ -1,0 +1,226 @@
+"""Continuous batching over a Hugging Face causal LM with one shared, left-padded KV cache.
+
+One thread owns the model. Each loop turn it admits waiting sequences (prefilled one at a time, then
+merged into the batch cache, left-padded to a common length), runs one decode step for every active
+sequence together, and drops finished or cancelled rows at once. A new request therefore joins the
+running batch without waiting for the others, and a finished one leaves it immediately.
+Rows keep their true position ids, so padding never shifts RoPE positions.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from schemas.inference import GenerationParams
+from services.engine.base import TokenStep
+from services.engine.sampling import make_generator, pick_token
+
+log = structlog.get_logger()
+
+Emit = Callable[[TokenStep | BaseException], None]
+
+
+class Sequence:
+    """One request inside the batcher. `cancelled` may be set from any thread."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        max_new_tokens: int,
+        emit: Emit,
+        device: torch.device,
+        adapter: str = "",
+    ) -> None:
+        self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.emit = emit
+        self.adapter = adapter
+        self.generator = make_generator(params, device)
+        self.generated: list[int] = []
+        self.pos = len(prompt_ids)
+        self.done = False
+        self.cancelled = False
+
+    def context(self) -> torch.Tensor:
+        return torch.cat([self.prompt, torch.tensor(self.generated, dtype=torch.long, device=self.prompt.device)])
+
+    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+        self.generated.append(token)
+        finish = "stop" if token in eos_ids else "length" if len(self.generated) >= self.max_new_tokens else None
+        self.done = finish is not None
+        self.emit(TokenStep([token], finish))
+
+
+class Batcher:
+    def __init__(self, model: Any, eos_ids: frozenset[int], max_batch: int, *, uses_adapters: bool = False) -> None:
+        self.model = model
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self._uses_adapters = uses_adapters
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this model takes.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cv = threading.Condition()
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="cy-batcher", daemon=True)
+        # Serialises model mutation (loading an adapter) with forward passes.
+        self.model_lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        return len(self._active) + len(self._pending)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            self._pending.append(seq)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # --- the loop (engine thread only) ---------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._pending and not self._active:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    admit: list[Sequence] = []
+                    while self._pending and len(self._active) + len(admit) < self.max_batch:
+                        admit.append(self._pending.popleft())
+                try:
+                    with self.model_lock:
+                        for seq in admit:
+                            self._prefill(seq)
+                        self._drop_finished()
+                        if self._active:
+                            self._decode_step()
+                            self._drop_finished()
+                except Exception as exc:  # a failed forward pass fails its batch, never the thread
+                    log.exception("batch_step_failed")
+                    for seq in [*self._active, *admit]:
+                        if not seq.done:
+                            seq.done = True
+                            seq.emit(exc)
+                    self._active, self._cache, self._mask = [], None, None
+        for seq in [*self._active, *self._pending]:
+            seq.emit(TokenStep([], "cancelled"))
+
+    def _adapter_kwargs(self, seqs: list[Sequence]) -> dict[str, Any]:
+        if not self._uses_adapters:
+            return {}
+        return {"adapter_names": [s.adapter or "__base__" for s in seqs]}
+
+    def _prefill(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            seq.done = True
+            return
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=seq.prompt[None],
+            **{self._cache_kw: cache},
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_kwargs([seq]),
+        )
+        seq.accept(self._pick(seq, out.logits[0, -1]), self.eos_ids)
+        if not seq.done:
+            self._merge(cache, seq)
+
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        generated = torch.tensor(seq.generated, dtype=torch.long, device=logits.device)
+        context = seq.context() if seq.params.repetition_penalty != 1.0 else generated
+        return pick_token(logits, seq.params, seq.generator, context, generated)
+
+    def _merge(self, cache: DynamicCache, seq: Sequence) -> None:
+        new_len = cache.get_seq_length()
+        new_mask = torch.ones((1, new_len), dtype=torch.long, device=self.device)
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask, self._active = cache, new_mask, [seq]
+            return
+        cur_len = self._mask.shape[1]
+        width = max(cur_len, new_len)
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        self._mask = torch.cat(
+            [F.pad(self._mask, (width - cur_len, 0)), F.pad(new_mask, (width - new_len, 0))], dim=0
+        )
+        self._active.append(seq)
+
+    def _decode_step(self) -> None:
+        assert self._cache is not None and self._mask is not None
+        rows = self._active
+        ids = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[s.pos] for s in rows], dtype=torch.long, device=self.device)
+        mask = F.pad(self._mask, (0, 1), value=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            **{self._cache_kw: self._cache},
+            use_cache=True,
+            **self._adapter_kwargs(rows),
+        )
+        self._mask = mask
+        logits = out.logits[:, -1]
+        for i, seq in enumerate(rows):
+            seq.pos += 1
+            if not seq.cancelled:
+                seq.accept(self._pick(seq, logits[i]), self.eos_ids)
+
+    def _drop_finished(self) -> None:
+        if self._cache is None or self._mask is None:
+            return
+        keep = [i for i, s in enumerate(self._active) if not (s.done or s.cancelled)]
+        if len(keep) == len(self._active):
+            return
+        for i, s in enumerate(self._active):
+            if s.cancelled and not s.done:
+                s.done = True
+                s.emit(TokenStep([], "cancelled"))
+        if not keep:
+            self._active, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        # Columns that are padding for every remaining row are dead weight: trim them.
+        start = int(torch.nonzero(mask.sum(0) > 0)[0])
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._active = [self._active[i] for i in keep]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[-2]
+    return F.pad(t, (0, 0, missing, 0)) if missing else t

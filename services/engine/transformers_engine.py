@@ -1,0 +1,106 @@
+"""The `transformers` engine: a Hugging Face causal LM on CPU or CUDA behind the continuous batcher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from schemas.errors import CyError, ErrorCode
+from schemas.inference import GenerationParams
+from services.engine.base import Engine, TokenStep
+from services.engine.batcher import Batcher, Sequence
+
+log = structlog.get_logger()
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def translate_error(exc: BaseException) -> CyError:
+    """The one place where torch/transformers failures become wire errors."""
+    if isinstance(exc, CyError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the engine ran out of memory", retryable=True)
+    return CyError(ErrorCode.INTERNAL_ERROR, f"engine failure: {type(exc).__name__}")
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, model_path: str, *, max_model_len: int, dtype: str = "float32", slots: int = 8,
+                 device: str = "auto") -> None:
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.slots = slots
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self._dtype = dtype
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self._batcher: Batcher | None = None
+        self._eos: frozenset[int] = frozenset()
+
+    async def start(self) -> None:
+        if self._dtype not in _DTYPES:
+            raise CyError(ErrorCode.INVALID_REQUEST, f"unknown dtype {self._dtype!r} (one of {sorted(_DTYPES)})")
+        try:
+            await asyncio.to_thread(self._load)
+        except FileNotFoundError as exc:
+            raise CyError(ErrorCode.MODEL_NOT_READY, str(exc)) from exc
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        assert self._batcher is not None
+        self._batcher.start()
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (Path(self.model_path) / "config.json").exists():
+            raise FileNotFoundError(f"no model at {self.model_path} (run `python -m infra.model_files`)")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[self._dtype])
+        self.model = model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._batcher = Batcher(self.model, self._eos, self.slots)
+        log.info("engine_loaded", engine=self.name, device=self.device, path=self.model_path,
+                 params=sum(p.numel() for p in self.model.parameters()))
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.stop)
+
+    @property
+    def busy(self) -> int:
+        return self._batcher.busy if self._batcher else 0
+
+    async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
+        assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenStep | BaseException] = asyncio.Queue()
+
+        def emit(item: TokenStep | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                seq.cancelled = True
+
+        max_new = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
+        seq = Sequence(prompt_ids, params, max_new, emit, self._batcher.device, adapter)
+        self._batcher.submit(seq)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise translate_error(item)
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True

@@ -1,0 +1,380 @@
+"""The engine worker service: pulls GenerateRequests from JetStream when a slot is free, streams replies.
+
+Per request: Accepted (names this worker), TokenChunk x N (the first as soon as there is text, then
+every `stream_chunk_size` tokens), then StreamEnd, or StreamError at any point. A message on
+`cancel.<trace_id>` aborts the generation and frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas import codec, subjects
+from schemas.errors import CyError, ErrorCode
+from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
+from schemas.workers import ServedModel, WorkerInfo
+from services import streams
+from services.engine.base import Engine
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.engines import build_engine, select_engine
+from services.engine.registry import ModelSpec, load_registry
+from services.engine.stops import StopMatcher
+from services.runtime import NatsSettings, Tasks, connect_nats
+
+log = structlog.get_logger()
+
+_PULL_NOW = msgspec.json.encode({"batch": 1, "no_wait": True})
+
+
+class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
+    """Read from CY_LLM_* variables (see README, "Configuration")."""
+
+    worker_id: str = ""
+    model: str = "default"
+    engine: str = ""
+    slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    stream_chunk_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    device: str = "auto"
+    queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+
+
+def _ensure_model_files(spec: ModelSpec) -> None:
+    from infra.model_files import ensure_model
+
+    try:
+        ensure_model(spec)
+    except FileNotFoundError as exc:
+        raise CyError(ErrorCode.MODEL_NOT_READY, str(exc)) from exc
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Worker:
+    """`async with Worker(settings) as w: await w.stopped()`; `stop()` drains and is idempotent."""
+
+    def __init__(self, settings: WorkerSettings, *, engine: Engine | None = None,
+                 spec: tuple[str, ModelSpec] | None = None) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        if spec is None:
+            registry = load_registry()
+            resolved = registry.resolve(settings.model)
+            if resolved is None:
+                raise CyError(ErrorCode.MODEL_NOT_FOUND, f"model {settings.model!r} is not in the registry")
+            spec = resolved
+        self.model_id, self.spec = spec
+        self.engine_name = engine.name if engine else select_engine(self.spec, settings.engine)
+        self.engine = engine or build_engine(self.engine_name, self.spec, slots=settings.slots,
+                                             device=settings.device)
+        self.nc: NATS | None = None
+        self._status: str = "loading"
+        self._error = ""
+        self._slots = asyncio.Semaphore(self.engine.slots)
+        self._busy = 0
+        self._active: dict[str, asyncio.Task[Any]] = {}
+        self._cancel_requested: set[str] = set()
+        self._tasks = Tasks()
+        self._streams = Tasks()
+        self._doorbell = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._started_ms = now_ms()
+        self._consumers: list[str] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
+        self.nc = await connect_nats(self.settings, name=f"cy-worker-{self.worker_id}")
+        js = self.nc.jetstream()
+        await streams.ensure_generate_stream(js, self.settings.queue_max_size)
+        self._kv = await streams.ensure_workers_bucket(js)
+        await self._ensure_consumers(js)
+        self._pull_inbox = self.nc.new_inbox()
+        self._pull_sub = await self.nc.subscribe(self._pull_inbox)
+        await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
+        await self.nc.subscribe(subjects.model_requests_filter(self.model_id), cb=self._on_doorbell)
+        self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
+        await self._announce()
+        try:
+            if self.engine_name == "transformers":
+                await asyncio.to_thread(_ensure_model_files, self.spec)
+            await self.engine.start()
+        except CyError as exc:
+            self._status, self._error = "failed", exc.body.message
+            await self._announce()
+            raise
+        self._status = "ready"
+        await self._announce()
+        log.info("worker_ready", model_id=self.model_id, engine=self.engine_name, slots=self.engine.slots)
+        self._tasks.spawn(self._pull_loop(), name="pull")
+
+    async def _ensure_consumers(self, js: Any) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        hint = subjects.hint_consumer(self.model_id, self.worker_id)
+        wanted = [(hint, subjects.hinted_subject(self.model_id, self.worker_id), 60.0)] + [
+            (subjects.tier_consumer(self.model_id, t), subjects.generate_subject(self.model_id, t), None)
+            for t in subjects.TIERS
+        ]
+        for name, filter_subject, inactive in wanted:
+            await js.add_consumer(
+                subjects.GENERATE_STREAM,
+                ConsumerConfig(durable_name=name, filter_subject=filter_subject, ack_policy=AckPolicy.EXPLICIT,
+                               ack_wait=30, max_ack_pending=-1, inactive_threshold=inactive),
+            )
+        self._consumers = [name for name, _, _ in wanted]
+
+    async def stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop pulling, let open streams finish (bounded by drain_timeout), then exit."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._doorbell.set()
+        log.info("worker_draining", open_streams=len(self._active))
+        try:
+            await self._announce()
+        except Exception:
+            pass
+        await self._streams.close(timeout=self.settings.drain_timeout)
+        self._tasks.cancel_all()
+        await self._tasks.close(timeout=1)
+        await self.engine.close()
+        if self.nc is not None and self.nc.is_connected:
+            try:
+                await self._kv.delete(subjects.worker_key(self.worker_id))
+            except Exception:
+                pass
+            await self.nc.drain()
+        self._stopped.set()
+        log.info("worker_stopped")
+
+    # --- registry ------------------------------------------------------------------------------
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id, engine=self.engine_name, device=self.engine.device,
+            models=[ServedModel(model_id=self.model_id, status=self._status,  # type: ignore[arg-type]
+                                engine=self.engine_name, max_model_len=self.engine.max_model_len,
+                                adapters=self.engine.adapters(), error=self._error)],
+            slots_total=self.engine.slots, slots_busy=self._busy, host=socket.gethostname(), pid=os.getpid(),
+            started_ms=self._started_ms, heartbeat_ms=now_ms(), heartbeat_interval=self.settings.heartbeat_interval,
+            draining=self._stopping,
+        )
+
+    async def _announce(self) -> None:
+        await self._kv.put(subjects.worker_key(self.worker_id), codec.encode(self.info()))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self._announce()
+            except Exception as exc:  # disconnected: keep beating, the client reconnects
+                log.warning("heartbeat_failed", error=repr(exc))
+
+    # --- dispatch ------------------------------------------------------------------------------
+    async def _on_doorbell(self, _msg: Msg) -> None:
+        self._doorbell.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        trace_id = subjects.trace_of_cancel(msg.subject)
+        task = self._active.get(trace_id)
+        if task is not None and not task.done():
+            self._cancel_requested.add(trace_id)
+            task.cancel()
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            await self._slots.acquire()
+            try:
+                msg = await self._next_request()
+            except Exception as exc:
+                self._slots.release()
+                log.warning("pull_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None or self._stopping:
+                self._slots.release()
+                if msg is not None:
+                    await msg.nak()
+                continue
+            self._busy += 1
+            self._streams.spawn(self._serve(msg), name="serve")
+
+    async def _next_request(self) -> Msg | None:
+        """The next queued request, hint first then by priority tier; waits ~1 s for the doorbell."""
+        self._doorbell.clear()
+        assert self.nc is not None
+        for consumer in self._consumers:
+            # A JetStream delivery keeps its original subject, so nc.request() cannot match it to the
+            # request: ask on our own inbox instead. A late answer to an earlier ask is still a valid
+            # message (or a status) and is handled like any other.
+            await self.nc.publish(subjects.consumer_next_subject(subjects.GENERATE_STREAM, consumer), _PULL_NOW,
+                                  reply=self._pull_inbox)
+            try:
+                msg = await self._pull_sub.next_msg(timeout=2)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            if msg.headers and msg.headers.get("Status"):
+                continue  # 404 no messages / 408: nothing for this tier
+            return msg
+        try:
+            await asyncio.wait_for(self._doorbell.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+        return None
+
+    async def _serve(self, msg: Msg) -> None:
+        try:
+            try:
+                request = codec.request_decoder.decode(msg.data)
+            except (codec.DecodeError, codec.ValidationError) as exc:
+                await msg.ack()
+                await self._reject_undecodable(msg.data, str(exc))
+                return
+            await msg.ack()
+            await self._run(request)
+        finally:
+            self._busy -= 1
+            self._slots.release()
+
+    async def _reject_undecodable(self, data: bytes, problem: str) -> None:
+        try:
+            trace_id = msgspec.msgpack.decode(data).get("trace_id", "")
+        except Exception:
+            trace_id = ""
+        log.warning("request_undecodable", problem=problem, trace_id=trace_id)
+        if isinstance(trace_id, str) and subjects.is_valid_trace_id(trace_id):
+            await self._publish(trace_id, StreamError(trace_id=trace_id, code=ErrorCode.INVALID_REQUEST,
+                                                      message=f"invalid GenerateRequest: {problem}"))
+
+    async def _publish(self, trace_id: str, reply: Reply) -> None:
+        assert self.nc is not None
+        await self.nc.publish(subjects.stream_subject(trace_id), codec.encode(reply))
+
+    # --- one request ---------------------------------------------------------------------------
+    async def _run(self, req: GenerateRequest) -> None:
+        trace_id = req.trace_id
+        meta = req.metadata
+        structlog.contextvars.bind_contextvars(
+            trace_id=trace_id, model_id=req.model_id, adapter=req.adapter or None,
+            client_trace_id=meta.trace_id or None, tenant=meta.tenant or None,
+            player_id=meta.player_id or None, locale=meta.locale or None,
+        )
+        task = asyncio.current_task()
+        assert task is not None
+        self._active[trace_id] = task
+        started = time.monotonic()
+        stats: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "ttft_ms": None}
+        outcome = "ok"
+        try:
+            if not subjects.is_valid_trace_id(trace_id):
+                log.warning("request_bad_trace_id")
+                outcome = "bad_trace_id"
+                return
+            end = await self._generate(req, started, stats)
+            outcome = end.finish_reason
+        except asyncio.CancelledError:
+            if trace_id in self._cancel_requested and task.uncancel() == 0:
+                outcome = "cancelled"
+                await self._publish(trace_id, StreamEnd(
+                    trace_id=trace_id, finish_reason="cancelled", prompt_tokens=stats["prompt_tokens"],
+                    completion_tokens=stats["completion_tokens"], chunks=stats.get("chunks", 0),
+                    worker_id=self.worker_id))
+            else:
+                outcome = "aborted"
+                await asyncio.shield(self._publish(trace_id, StreamError(
+                    trace_id=trace_id, code=ErrorCode.INTERNAL_ERROR, message="the worker shut down mid-stream",
+                    retryable=True, worker_id=self.worker_id)))
+                raise
+        except CyError as exc:
+            outcome = exc.code.value
+            await self._publish(trace_id, StreamError(
+                trace_id=trace_id, code=exc.code, message=exc.body.message, retryable=exc.body.retryable,
+                worker_id=self.worker_id))
+        except Exception:
+            outcome = ErrorCode.INTERNAL_ERROR.value
+            log.exception("request_failed")
+            await self._publish(trace_id, StreamError(
+                trace_id=trace_id, code=ErrorCode.INTERNAL_ERROR, message="internal error in the engine worker",
+                worker_id=self.worker_id))
+        finally:
+            self._active.pop(trace_id, None)
+            self._cancel_requested.discard(trace_id)
+            log.info("generation", outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1),
+                     **stats)
+
+    async def _generate(self, req: GenerateRequest, started: float, stats: dict[str, Any]) -> StreamEnd:
+        trace_id = req.trace_id
+        if req.deadline_ms and now_ms() > req.deadline_ms:
+            raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the request expired while queued", retryable=True)
+        if req.adapter and not self.engine.has_adapter(req.adapter):
+            raise CyError(ErrorCode.MODEL_NOT_FOUND,
+                          f"adapter {req.adapter!r} is not available for model {self.model_id!r}")
+        prompt_ids = self.engine.encode(req)
+        stats["prompt_tokens"] = len(prompt_ids)
+        await self._publish(trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id,
+                                               prompt_tokens=len(prompt_ids)))
+        chunk_size = req.stream_chunk_size or self.settings.stream_chunk_size
+        detok = IncrementalDetokenizer(self.engine.tokenizer)
+        stops = StopMatcher(req.generation.stop)
+        text, tokens, index, finish = "", 0, 0, None
+        steps = self.engine.generate(prompt_ids, req.generation, req.adapter)
+        try:
+            async for step in steps:
+                if stats["ttft_ms"] is None:
+                    stats["ttft_ms"] = round((time.monotonic() - started) * 1000, 1)
+                stats["completion_tokens"] += len(step.token_ids)
+                tokens += len(step.token_ids)
+                piece = detok.push(step.token_ids)
+                if step.finish_reason is not None:
+                    piece += detok.flush()
+                    finish = step.finish_reason
+                piece, hit = stops.feed(piece)
+                if hit:
+                    finish = "stop"
+                elif finish is not None:
+                    piece += stops.flush()
+                text += piece
+                # The first chunk goes out as soon as it has text (time to first token); then every N tokens.
+                if finish is not None or (text and (index == 0 or tokens >= chunk_size)):
+                    await self._publish(trace_id, TokenChunk(
+                        trace_id=trace_id, chunk=text, index=index, token_count=tokens,
+                        end_of_stream=finish is not None, finish_reason=finish))
+                    index += 1
+                    stats["chunks"] = index
+                    text, tokens = "", 0
+                if finish is not None:
+                    break
+        finally:
+            await steps.aclose()  # type: ignore[attr-defined]
+        end = StreamEnd(
+            trace_id=trace_id, finish_reason=finish or "stop", prompt_tokens=len(prompt_ids),
+            completion_tokens=stats["completion_tokens"], chunks=index, worker_id=self.worker_id,
+            ttft_ms=stats["ttft_ms"] or 0.0, duration_ms=round((time.monotonic() - started) * 1000, 1))
+        await self._publish(trace_id, end)
+        return end

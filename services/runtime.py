@@ -1,0 +1,158 @@
+"""What every process shares: settings from the environment, logging, the NATS connection, task ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT / ".data"
+ENV_PREFIX = "CY_LLM_"
+
+S = TypeVar("S")
+
+
+class SettingsError(SystemExit):
+    """A bad environment variable: the process stops at start with a message naming it."""
+
+
+def load_settings(cls: type[S], *, prefix: str = ENV_PREFIX, env: dict[str, str] | None = None) -> S:
+    """Read a frozen msgspec Struct from `<prefix><FIELD>` variables (strings converted and validated).
+
+    Raises SettingsError naming the variable when a value does not fit its type or range.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for name in cls.__struct_fields__:  # type: ignore[attr-defined]
+        var = f"{prefix}{name.upper()}"
+        if var in env and env[var] != "":
+            raw[name] = env[var]
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        path = str(exc).rsplit("at `$.", 1)
+        field = path[1].rstrip("`") if len(path) == 2 else "?"
+        raise SettingsError(f"Config error in {prefix}{field.upper()}: {exc}") from exc
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    internal_token: str = ""
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(f"{ENV_PREFIX}DATA_DIR") or DEFAULT_DATA_DIR).resolve()
+
+
+def configure_logging(service: str, level: str | None = None) -> None:
+    """structlog once per process: console on a TTY, JSON lines otherwise; contextvars bound per request."""
+    level_name = (level or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "info")).upper()
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level_name]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+async def connect_nats(settings: NatsSettings, name: str, **kwargs: Any) -> NATS:
+    """Connect with endless reconnects (a restarting nats-server must not kill a service)."""
+    log = structlog.get_logger()
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", error=repr(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected")
+
+    return await nats.connect(
+        settings.nats_url,
+        name=name,
+        token=settings.internal_token or None,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **kwargs,
+    )
+
+
+class Tasks:
+    """Strong references to background tasks; `close()` waits with a timeout, then cancels."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            structlog.get_logger().error(
+                "background_task_failed", task=task.get_name(), error=repr(task.exception())
+            )
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)` until it returns; SIGINT/SIGTERM set `stop` so it can drain and exit cleanly."""
+
+    async def _runner() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await main(stop)
+
+    asyncio.run(_runner())
