@@ -19,8 +19,14 @@ from schemas.errors import CyError, ErrorCode
 
 log = structlog.get_logger()
 
-_HTTP_CODES = {400: ErrorCode.INVALID_REQUEST, 401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
-               404: ErrorCode.MODEL_NOT_FOUND, 413: ErrorCode.INVALID_REQUEST, 429: ErrorCode.RATE_LIMITED}
+_HTTP_CODES = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.MODEL_NOT_FOUND,
+    413: ErrorCode.INVALID_REQUEST,
+    429: ErrorCode.RATE_LIMITED,
+}
 
 
 def create_api_app(core: GatewayCore) -> Quart:
@@ -49,8 +55,11 @@ def create_api_app(core: GatewayCore) -> Quart:
             response.status_code = 404
             return response
         code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
-        message = f"request body exceeds {core.settings.max_body_bytes} bytes" if status == 413 else (
-            exc.description or exc.name)
+        message = (
+            f"request body exceeds {core.settings.max_body_bytes} bytes"
+            if status == 413
+            else (exc.description or exc.name)
+        )
         response = error_response(CyError(code, message))
         response.status_code = status
         return response
@@ -91,10 +100,21 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         await stop.wait()
         core.draining = True
 
-    log.info("gateway_listening", api=f"http://{settings.host}:{settings.port}/api/v1",
-             lite=f"http://{settings.host}:{settings.lite_port}/v1" if len(apps) > 1 else None)
+    log.info(
+        "gateway_listening",
+        api=f"http://{settings.host}:{settings.port}/api/v1",
+        lite=f"http://{settings.host}:{settings.lite_port}/v1" if len(apps) > 1 else None,
+    )
     try:
-        await asyncio.gather(*(hypercorn_serve(app, hypercorn_config(settings.host, port),  # type: ignore[arg-type]
-                                               shutdown_trigger=shutdown_trigger) for app, port in apps))
+        await asyncio.gather(
+            *(
+                hypercorn_serve(
+                    app,
+                    hypercorn_config(settings.host, port),  # type: ignore[arg-type]
+                    shutdown_trigger=shutdown_trigger,
+                )
+                for app, port in apps
+            )
+        )
     finally:
         await core.close()

@@ -35,8 +35,12 @@ class GatewayCore:
         kv = await streams.ensure_workers_bucket(self.js)
         await self.workers.start(self.nc, kv)
         self.inference = InferenceClient(
-            self.nc, self.js, self.workers, queue_timeout=self.settings.queue_timeout,
-            request_timeout=self.settings.request_timeout)
+            self.nc,
+            self.js,
+            self.workers,
+            queue_timeout=self.settings.queue_timeout,
+            request_timeout=self.settings.request_timeout,
+        )
 
     async def close(self) -> None:
         if getattr(self, "nc", None) is not None and not self.nc.is_closed:

@@ -32,17 +32,20 @@ def resolve_model(core: GatewayCore, model_id: str, field: str = "modelId") -> s
 
     resolved = core.registry.resolve(model_id)
     if resolved is None:
-        raise CyError(ErrorCode.MODEL_NOT_FOUND, f"Invalid model ID: {model_id}",
-                      details=[ErrorDetail(type="model_not_found", field=field,
-                                           description=f"Model '{model_id}' is not configured")])
+        raise CyError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"Invalid model ID: {model_id}",
+            details=[
+                ErrorDetail(type="model_not_found", field=field, description=f"Model '{model_id}' is not configured")
+            ],
+        )
     return resolved[0]
 
 
 def admit(core: GatewayCore, request: GenerateRequest) -> GenerateRequest:
     """Refuse early (draining gateway, no ready worker) and stamp the queue deadline."""
     if core.draining:
-        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the gateway is shutting down", retryable=True,
-                      retry_after=5)
+        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the gateway is shutting down", retryable=True, retry_after=5)
     core.inference.check_ready(request.model_id)
     request.deadline_ms = int((time.time() + core.settings.queue_timeout) * 1000)
     return request
@@ -78,10 +81,14 @@ class Outcome:
                 raise CyError(reply.code, reply.message, retryable=reply.retryable, retry_after=reply.retry_after)
 
     def log_fields(self) -> dict[str, object]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
-                "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
-                "finish_reason": self.finish_reason, "worker_id": self.worker_id or None}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+            "finish_reason": self.finish_reason,
+            "worker_id": self.worker_id or None,
+        }
 
 
 async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome) -> Outcome:

@@ -17,14 +17,18 @@ _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(payload), status=status, headers=headers,
-                    content_type="application/json")
+    return Response(msgspec.json.encode(payload), status=status, headers=headers, content_type="application/json")
 
 
 def envelope(error: CyError) -> dict[str, Any]:
     body = error.body
-    return {"error": {"code": body.code.value, "message": body.message,
-                      "details": [msgspec.to_builtins(d) for d in body.details]}}
+    return {
+        "error": {
+            "code": body.code.value,
+            "message": body.message,
+            "details": [msgspec.to_builtins(d) for d in body.details],
+        }
+    }
 
 
 def error_response(error: CyError) -> Response:
@@ -35,8 +39,11 @@ def error_response(error: CyError) -> Response:
 def decode_body(data: bytes, type_: type[T]) -> T:
     """Decode a JSON body into `type_`. Raises CyError(INVALID_REQUEST) naming the bad field."""
     if not data.strip():
-        raise CyError(ErrorCode.INVALID_REQUEST, "the request body is empty; send a JSON object",
-                      details=[ErrorDetail(type="missing_body")])
+        raise CyError(
+            ErrorCode.INVALID_REQUEST,
+            "the request body is empty; send a JSON object",
+            details=[ErrorDetail(type="missing_body")],
+        )
     try:
         return msgspec.json.decode(data, type=type_)
     except msgspec.ValidationError as exc:
@@ -49,5 +56,8 @@ def decode_body(data: bytes, type_: type[T]) -> T:
             raise invalid(field, text.split(" - at ")[0], type_="missing_field") from exc
         raise invalid(field or "body", text.split(" - at ")[0]) from exc
     except msgspec.DecodeError as exc:
-        raise CyError(ErrorCode.INVALID_REQUEST, f"malformed JSON body: {exc}",
-                      details=[ErrorDetail(type="malformed_json", description=str(exc))]) from exc
+        raise CyError(
+            ErrorCode.INVALID_REQUEST,
+            f"malformed JSON body: {exc}",
+            details=[ErrorDetail(type="malformed_json", description=str(exc))],
+        ) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +14,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
+from gateway.workers import WorkersView
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
-from gateway.workers import WorkersView
 
 log = structlog.get_logger()
 
@@ -28,8 +27,15 @@ _QUEUE_FULL = 10077  # JetStream: maximum messages exceeded (discard=new)
 class ReplyStream:
     """Replies of one request, in order, with the deadlines and worker-liveness checks applied."""
 
-    def __init__(self, sub: Subscription, request: GenerateRequest, workers: WorkersView, *,
-                 queue_timeout: float, request_timeout: float) -> None:
+    def __init__(
+        self,
+        sub: Subscription,
+        request: GenerateRequest,
+        workers: WorkersView,
+        *,
+        queue_timeout: float,
+        request_timeout: float,
+    ) -> None:
         self._sub = sub
         self.request = request
         self._workers = workers
@@ -54,7 +60,7 @@ class ReplyStream:
                 return None
             try:
                 msg = await self._sub.next_msg(timeout=min(0.5, max(until - now, 0.001)))
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 continue
             return self._accept(codec.reply_decoder.decode(msg.data))
 
@@ -65,9 +71,11 @@ class ReplyStream:
             case TokenChunk():
                 if reply.index != self._next_index:
                     self.finished = True
-                    raise CyError(ErrorCode.INTERNAL_ERROR,
-                                  f"stream lost chunks: expected #{self._next_index}, got #{reply.index}",
-                                  retryable=True)
+                    raise CyError(
+                        ErrorCode.INTERNAL_ERROR,
+                        f"stream lost chunks: expected #{self._next_index}, got #{reply.index}",
+                        retryable=True,
+                    )
                 self._next_index += 1
             case StreamEnd() | StreamError():
                 self.finished = True
@@ -76,23 +84,28 @@ class ReplyStream:
     def _check_deadlines(self, now: float) -> None:
         if self._accepted_at is None and now - self.started > self._queue_timeout:
             self.finished = True
-            raise CyError(ErrorCode.INSUFFICIENT_RESOURCES,
-                          f"no worker picked up the request within {self._queue_timeout:g}s", retryable=True,
-                          retry_after=5)
+            raise CyError(
+                ErrorCode.INSUFFICIENT_RESOURCES,
+                f"no worker picked up the request within {self._queue_timeout:g}s",
+                retryable=True,
+                retry_after=5,
+            )
         if self._accepted_at is not None and self.worker_id:
             info = self._workers.get(self.worker_id)
             if info is None or not self._workers.is_healthy(info):
                 self.finished = True
-                raise CyError(ErrorCode.INTERNAL_ERROR, f"worker {self.worker_id} stopped responding mid-stream",
-                              retryable=True)
+                raise CyError(
+                    ErrorCode.INTERNAL_ERROR, f"worker {self.worker_id} stopped responding mid-stream", retryable=True
+                )
         if now - self.started > self._request_timeout:
             self.finished = True
             raise CyError(ErrorCode.INTERNAL_ERROR, f"request exceeded {self._request_timeout:g}s")
 
 
 class InferenceClient:
-    def __init__(self, nc: NATS, js: JetStreamContext, workers: WorkersView, *, queue_timeout: float,
-                 request_timeout: float) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, workers: WorkersView, *, queue_timeout: float, request_timeout: float
+    ) -> None:
         self.nc = nc
         self.js = js
         self.workers = workers
@@ -105,12 +118,14 @@ class InferenceClient:
         if state == "ready":
             return
         if state == "loading":
-            raise CyError(ErrorCode.MODEL_NOT_READY, f"model {model_id!r} is still loading", retryable=True,
-                          retry_after=5)
+            raise CyError(
+                ErrorCode.MODEL_NOT_READY, f"model {model_id!r} is still loading", retryable=True, retry_after=5
+            )
         if state == "failed":
             raise CyError(ErrorCode.MODEL_NOT_READY, f"model {model_id!r} failed to load on its workers")
-        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, f"no worker is serving model {model_id!r}",
-                      retryable=True, retry_after=5)
+        raise CyError(
+            ErrorCode.INSUFFICIENT_RESOURCES, f"no worker is serving model {model_id!r}", retryable=True, retry_after=5
+        )
 
     def subject_for(self, request: GenerateRequest) -> str:
         if request.worker_hint and self.workers.is_alive(request.worker_hint):
@@ -121,8 +136,9 @@ class InferenceClient:
     async def open(self, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
         """Subscribe to the reply subject, enqueue the request, yield its replies; cancel on early exit."""
         sub = await self.nc.subscribe(subjects.stream_subject(request.trace_id), pending_msgs_limit=100_000)
-        stream = ReplyStream(sub, request, self.workers, queue_timeout=self.queue_timeout,
-                             request_timeout=self.request_timeout)
+        stream = ReplyStream(
+            sub, request, self.workers, queue_timeout=self.queue_timeout, request_timeout=self.request_timeout
+        )
         try:
             await self._enqueue(request)
             yield stream
@@ -138,9 +154,11 @@ class InferenceClient:
             await self.js.publish(self.subject_for(request), codec.encode(request), timeout=5)
         except APIError as exc:
             if exc.err_code == _QUEUE_FULL:
-                raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the request queue is full", retryable=True,
-                              retry_after=2) from exc
+                raise CyError(
+                    ErrorCode.INSUFFICIENT_RESOURCES, "the request queue is full", retryable=True, retry_after=2
+                ) from exc
             raise CyError(ErrorCode.INTERNAL_ERROR, f"the request queue refused the request: {exc}") from exc
-        except (NoRespondersError, NatsTimeoutError, asyncio.TimeoutError) as exc:
-            raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the request queue is unavailable", retryable=True,
-                          retry_after=2) from exc
+        except (TimeoutError, NoRespondersError, NatsTimeoutError) as exc:
+            raise CyError(
+                ErrorCode.INSUFFICIENT_RESOURCES, "the request queue is unavailable", retryable=True, retry_after=2
+            ) from exc

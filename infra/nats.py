@@ -26,8 +26,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(path: Path, *, port: int, store_dir: Path, token: str = "", server_name: str = "cy-llm",
-                 extra: str = "") -> Path:
+def write_config(
+    path: Path, *, port: int, store_dir: Path, token: str = "", server_name: str = "cy-llm", extra: str = ""
+) -> Path:
     lines = [
         f'server_name: "{server_name}"',
         f"listen: 127.0.0.1:{port}",
@@ -55,7 +56,7 @@ def start_nats(data: Path, *, port: int, token: str = "", log_file: Path | None 
     """Launch nats-server with JetStream, its store under `data/nats`; returns once it accepts connections."""
     data.mkdir(parents=True, exist_ok=True)
     conf = write_config(data / "nats.conf", port=port, store_dir=data / "nats", token=token)
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port)

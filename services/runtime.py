@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,12 +33,12 @@ def load_settings(cls: type[S], *, prefix: str = ENV_PREFIX, env: dict[str, str]
 
     Raises SettingsError naming the variable when a value does not fit its type or range.
     """
-    env = os.environ if env is None else env
+    source: Mapping[str, str] = os.environ if env is None else env
     raw: dict[str, Any] = {}
     for name in cls.__struct_fields__:  # type: ignore[attr-defined]
         var = f"{prefix}{name.upper()}"
-        if var in env and env[var] != "":
-            raw[name] = env[var]
+        if source.get(var):
+            raw[name] = source[var]
     try:
         return msgspec.convert(raw, cls, strict=False)
     except msgspec.ValidationError as exc:
@@ -59,9 +59,7 @@ def data_dir() -> Path:
 def configure_logging(service: str, level: str | None = None) -> None:
     """structlog once per process: console on a TTY, JSON lines otherwise; contextvars bound per request."""
     level_name = (level or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "info")).upper()
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
-    )
+    renderer: Any = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -119,9 +117,7 @@ class Tasks:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            structlog.get_logger().error(
-                "background_task_failed", task=task.get_name(), error=repr(task.exception())
-            )
+            structlog.get_logger().error("background_task_failed", task=task.get_name(), error=repr(task.exception()))
 
     def __len__(self) -> int:
         return len(self._tasks)

@@ -45,8 +45,9 @@ async def ensure_generate_stream(js: JetStreamContext, max_size: int) -> None:
     )
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str, *, ttl: float | None = None,
-                        storage: StorageType = StorageType.FILE) -> KeyValue:
+async def ensure_bucket(
+    js: JetStreamContext, bucket: str, *, ttl: float | None = None, storage: StorageType = StorageType.FILE
+) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):

@@ -36,14 +36,21 @@ async def snapshot(core: GatewayCore) -> dict[str, Any]:
     return {
         "status": status,
         "components": {
-            "gateway": {"status": "UP" if gateway_up else "DRAINING",
-                        "details": {"startTime": _iso(core.started_at),
-                                    "uptime": _uptime((now - core.started_at).total_seconds())}},
-            "coordinator": {"status": "UP" if coordinator_up else "DOWN",
-                            "details": {"workers": {"total": total, "healthy": healthy, "unhealthy": unhealthy},
-                                        "queue": {"pendingTasks": pending, "maxSize": max_size}}},
-            "nats": {"status": "UP" if nats_up else "DOWN",
-                     "details": {"latencyMs": latency, "connected": nats_up}},
+            "gateway": {
+                "status": "UP" if gateway_up else "DRAINING",
+                "details": {
+                    "startTime": _iso(core.started_at),
+                    "uptime": _uptime((now - core.started_at).total_seconds()),
+                },
+            },
+            "coordinator": {
+                "status": "UP" if coordinator_up else "DOWN",
+                "details": {
+                    "workers": {"total": total, "healthy": healthy, "unhealthy": unhealthy},
+                    "queue": {"pendingTasks": pending, "maxSize": max_size},
+                },
+            },
+            "nats": {"status": "UP" if nats_up else "DOWN", "details": {"latencyMs": latency, "connected": nats_up}},
         },
         "timestamp": _iso(now),
     }
@@ -55,9 +62,11 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
     @bp.get("/health")
     async def health() -> Response:
         snap = await snapshot(core)
-        body = {"status": snap["status"],
-                "components": {name: c["status"] for name, c in snap["components"].items()},
-                "timestamp": snap["timestamp"]}
+        body = {
+            "status": snap["status"],
+            "components": {name: c["status"] for name, c in snap["components"].items()},
+            "timestamp": snap["timestamp"],
+        }
         return json_response(body, status=503 if snap["status"] == "DOWN" else 200)
 
     @bp.get("/health/details")

@@ -14,7 +14,7 @@ from gateway.api_v1.protocol import InferenceBody
 from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S, Outcome, complete, new_trace_id, resolve_model, streaming
 from gateway.http_errors import decode_body, envelope, json_response
-from gateway.sse import sse_event, sse_response, SSE_DONE, SSE_KEEPALIVE
+from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import (
     ChatMessage,
@@ -47,16 +47,21 @@ def build(core: GatewayCore, body: InferenceBody) -> GenerateRequest:
 def bind_request_context(req: GenerateRequest) -> None:
     meta = req.metadata
     structlog.contextvars.bind_contextvars(
-        trace_id=req.trace_id, model_id=req.model_id, adapter=req.adapter or None,
-        client_trace_id=meta.trace_id or None, tenant=meta.tenant or None, player_id=meta.player_id or None,
-        locale=meta.locale or None)
+        trace_id=req.trace_id,
+        model_id=req.model_id,
+        adapter=req.adapter or None,
+        client_trace_id=meta.trace_id or None,
+        tenant=meta.tenant or None,
+        player_id=meta.player_id or None,
+        locale=meta.locale or None,
+    )
 
 
 def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("inference", __name__)
 
     async def parse() -> GenerateRequest:
-        req = build(core, decode_body(await request.get_data(), InferenceBody))
+        req = build(core, decode_body(await request.get_data(as_text=False), InferenceBody)  # type: ignore[arg-type])
         bind_request_context(req)
         return req
 
@@ -71,12 +76,20 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
             raise
         log.info("request", route="inference", status=200, **outcome.log_fields())
         completion = outcome.completion_tokens
-        return json_response({
-            "id": req.trace_id, "modelId": req.model_id, "object": "text_completion", "created": int(time.time()),
-            "choices": [{"index": 0, "text": "".join(outcome.text), "finish_reason": outcome.finish_reason}],
-            "usage": {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": outcome.prompt_tokens + completion},
-        })
+        return json_response(
+            {
+                "id": req.trace_id,
+                "modelId": req.model_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "choices": [{"index": 0, "text": "".join(outcome.text), "finish_reason": outcome.finish_reason}],
+                "usage": {
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": outcome.prompt_tokens + completion,
+                },
+            }
+        )
 
     @bp.post("/inference/stream")
     async def inference_stream() -> Response:
@@ -114,8 +127,15 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
         if reply.finish_reason:
             choice["finish_reason"] = reply.finish_reason
         choice["offset"] = reply.index
-        return sse_event({"id": req.trace_id, "object": "text_completion.chunk", "created": created,
-                          "model": req.model_id, "choices": [choice]})
+        return sse_event(
+            {
+                "id": req.trace_id,
+                "object": "text_completion.chunk",
+                "created": created,
+                "model": req.model_id,
+                "choices": [choice],
+            }
+        )
 
     async def events() -> AsyncIterator[bytes]:
         bind_request_context(req)

@@ -33,8 +33,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.get("/models")
     async def list_models() -> Response:
-        return json_response({"models": [model_summary(core, mid, spec)
-                                         for mid, spec in core.registry.models.items()]})
+        return json_response({"models": [model_summary(core, mid, spec) for mid, spec in core.registry.models.items()]})
 
     @bp.get("/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
@@ -42,8 +41,12 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
         spec = core.registry.models[real]
         out = model_summary(core, real, spec)
         out["modelPath"] = spec.model_path
-        out["config"] = {"maxModelLen": spec.max_model_len, "gpuMemoryUtilization": spec.gpu_memory_utilization,
-                         "tensorParallelSize": spec.tensor_parallel_size, "dtype": spec.dtype}
+        out["config"] = {
+            "maxModelLen": spec.max_model_len,
+            "gpuMemoryUtilization": spec.gpu_memory_utilization,
+            "tensorParallelSize": spec.tensor_parallel_size,
+            "dtype": spec.dtype,
+        }
         return json_response(out)
 
     return bp

@@ -22,9 +22,15 @@ class GenerationBody(msgspec.Struct, kw_only=True, rename="camel", forbid_unknow
     stop: list[str] = []
 
     def to_params(self) -> GenerationParams:
-        return GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                                seed=self.seed, stop=self.stop)
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=self.stop,
+        )
 
 
 class MetadataBody(msgspec.Struct, kw_only=True, rename="camel"):

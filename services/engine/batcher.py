@@ -59,7 +59,7 @@ class Sequence:
         self.generated.append(token)
         finish = "stop" if token in eos_ids else "length" if len(self.generated) >= self.max_new_tokens else None
         self.done = finish is not None
-        self.emit(TokenStep([token], finish))
+        self.emit(TokenStep([token], finish))  # type: ignore[arg-type]
 
 
 class Batcher:
@@ -168,12 +168,12 @@ class Batcher:
             return
         cur_len = self._mask.shape[1]
         width = max(cur_len, new_len)
+        old: Any
+        new: Any
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
             old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
-        self._mask = torch.cat(
-            [F.pad(self._mask, (width - cur_len, 0)), F.pad(new_mask, (width - new_len, 0))], dim=0
-        )
+        self._mask = torch.cat([F.pad(self._mask, (width - cur_len, 0)), F.pad(new_mask, (width - new_len, 0))], dim=0)
         self._active.append(seq)
 
     def _decode_step(self) -> None:
@@ -203,7 +203,7 @@ class Batcher:
         keep = [i for i, s in enumerate(self._active) if not (s.done or s.cancelled)]
         if len(keep) == len(self._active):
             return
-        for i, s in enumerate(self._active):
+        for s in self._active:
             if s.cancelled and not s.done:
                 s.done = True
                 s.emit(TokenStep([], "cancelled"))
@@ -215,6 +215,7 @@ class Batcher:
         # Columns that are padding for every remaining row are dead weight: trim them.
         start = int(torch.nonzero(mask.sum(0) > 0)[0])
         self._mask = mask[:, start:]
+        layer: Any
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]

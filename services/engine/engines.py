@@ -32,12 +32,14 @@ def build_engine(name: str, spec: ModelSpec, *, slots: int, device: str) -> Engi
     if name == "transformers":
         from services.engine.transformers_engine import TransformersEngine
 
-        return TransformersEngine(spec.model_path, max_model_len=spec.max_model_len, dtype=spec.dtype,
-                                  slots=slots, device=device)
+        return TransformersEngine(
+            spec.model_path, max_model_len=spec.max_model_len, dtype=spec.dtype, slots=slots, device=device
+        )
     if importlib.util.find_spec("vllm") is None:
-        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES,
-                      f"engine {name!r} needs vLLM, which is not installed in this environment "
-                      "(see README: vLLM engines)")
+        raise CyError(
+            ErrorCode.INSUFFICIENT_RESOURCES,
+            f"engine {name!r} needs vLLM, which is not installed in this environment (see README: vLLM engines)",
+        )
     if name.startswith("cuda-") and not _cuda():
         raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, f"engine {name!r} needs a CUDA GPU; none is visible")
     from services.engine.vllm_engine import VllmEngine  # type: ignore[import-not-found]

@@ -32,8 +32,9 @@ def translate_error(exc: BaseException) -> CyError:
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, model_path: str, *, max_model_len: int, dtype: str = "float32", slots: int = 8,
-                 device: str = "auto") -> None:
+    def __init__(
+        self, model_path: str, *, max_model_len: int, dtype: str = "float32", slots: int = 8, device: str = "auto"
+    ) -> None:
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.slots = slots
@@ -63,14 +64,19 @@ class TransformersEngine(Engine):
             raise FileNotFoundError(f"no model at {self.model_path} (run `python -m infra.model_files`)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[self._dtype])
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._batcher = Batcher(self.model, self._eos, self.slots)
-        log.info("engine_loaded", engine=self.name, device=self.device, path=self.model_path,
-                 params=sum(p.numel() for p in self.model.parameters()))
+        log.info(
+            "engine_loaded",
+            engine=self.name,
+            device=self.device,
+            path=self.model_path,
+            params=sum(p.numel() for p in self.model.parameters()),
+        )
 
     async def close(self) -> None:
         if self._batcher is not None:

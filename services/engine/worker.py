@@ -66,8 +66,9 @@ def now_ms() -> int:
 class Worker:
     """`async with Worker(settings) as w: await w.stopped()`; `stop()` drains and is idempotent."""
 
-    def __init__(self, settings: WorkerSettings, *, engine: Engine | None = None,
-                 spec: tuple[str, ModelSpec] | None = None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, engine: Engine | None = None, spec: tuple[str, ModelSpec] | None = None
+    ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         if spec is None:
@@ -78,8 +79,7 @@ class Worker:
             spec = resolved
         self.model_id, self.spec = spec
         self.engine_name = engine.name if engine else select_engine(self.spec, settings.engine)
-        self.engine = engine or build_engine(self.engine_name, self.spec, slots=settings.slots,
-                                             device=settings.device)
+        self.engine = engine or build_engine(self.engine_name, self.spec, slots=settings.slots, device=settings.device)
         self.nc: NATS | None = None
         self._status: str = "loading"
         self._error = ""
@@ -140,8 +140,14 @@ class Worker:
         for name, filter_subject, inactive in wanted:
             await js.add_consumer(
                 subjects.GENERATE_STREAM,
-                ConsumerConfig(durable_name=name, filter_subject=filter_subject, ack_policy=AckPolicy.EXPLICIT,
-                               ack_wait=30, max_ack_pending=-1, inactive_threshold=inactive),
+                ConsumerConfig(
+                    durable_name=name,
+                    filter_subject=filter_subject,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=30,
+                    max_ack_pending=-1,
+                    inactive_threshold=inactive,
+                ),
             )
         self._consumers = [name for name, _, _ in wanted]
 
@@ -176,12 +182,26 @@ class Worker:
     # --- registry ------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
         return WorkerInfo(
-            worker_id=self.worker_id, engine=self.engine_name, device=self.engine.device,
-            models=[ServedModel(model_id=self.model_id, status=self._status,  # type: ignore[arg-type]
-                                engine=self.engine_name, max_model_len=self.engine.max_model_len,
-                                adapters=self.engine.adapters(), error=self._error)],
-            slots_total=self.engine.slots, slots_busy=self._busy, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, heartbeat_ms=now_ms(), heartbeat_interval=self.settings.heartbeat_interval,
+            worker_id=self.worker_id,
+            engine=self.engine_name,
+            device=self.engine.device,
+            models=[
+                ServedModel(
+                    model_id=self.model_id,
+                    status=self._status,  # type: ignore[arg-type]
+                    engine=self.engine_name,
+                    max_model_len=self.engine.max_model_len,
+                    adapters=self.engine.adapters(),
+                    error=self._error,
+                )
+            ],
+            slots_total=self.engine.slots,
+            slots_busy=self._busy,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_ms=self._started_ms,
+            heartbeat_ms=now_ms(),
+            heartbeat_interval=self.settings.heartbeat_interval,
             draining=self._stopping,
         )
 
@@ -233,11 +253,12 @@ class Worker:
             # A JetStream delivery keeps its original subject, so nc.request() cannot match it to the
             # request: ask on our own inbox instead. A late answer to an earlier ask is still a valid
             # message (or a status) and is handled like any other.
-            await self.nc.publish(subjects.consumer_next_subject(subjects.GENERATE_STREAM, consumer), _PULL_NOW,
-                                  reply=self._pull_inbox)
+            await self.nc.publish(
+                subjects.consumer_next_subject(subjects.GENERATE_STREAM, consumer), _PULL_NOW, reply=self._pull_inbox
+            )
             try:
                 msg = await self._pull_sub.next_msg(timeout=2)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeoutError):
                 continue
             if msg.headers and msg.headers.get("Status"):
                 continue  # 404 no messages / 408: nothing for this tier
@@ -269,8 +290,12 @@ class Worker:
             trace_id = ""
         log.warning("request_undecodable", problem=problem, trace_id=trace_id)
         if isinstance(trace_id, str) and subjects.is_valid_trace_id(trace_id):
-            await self._publish(trace_id, StreamError(trace_id=trace_id, code=ErrorCode.INVALID_REQUEST,
-                                                      message=f"invalid GenerateRequest: {problem}"))
+            await self._publish(
+                trace_id,
+                StreamError(
+                    trace_id=trace_id, code=ErrorCode.INVALID_REQUEST, message=f"invalid GenerateRequest: {problem}"
+                ),
+            )
 
     async def _publish(self, trace_id: str, reply: Reply) -> None:
         assert self.nc is not None
@@ -281,9 +306,13 @@ class Worker:
         trace_id = req.trace_id
         meta = req.metadata
         structlog.contextvars.bind_contextvars(
-            trace_id=trace_id, model_id=req.model_id, adapter=req.adapter or None,
-            client_trace_id=meta.trace_id or None, tenant=meta.tenant or None,
-            player_id=meta.player_id or None, locale=meta.locale or None,
+            trace_id=trace_id,
+            model_id=req.model_id,
+            adapter=req.adapter or None,
+            client_trace_id=meta.trace_id or None,
+            tenant=meta.tenant or None,
+            player_id=meta.player_id or None,
+            locale=meta.locale or None,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -301,44 +330,74 @@ class Worker:
         except asyncio.CancelledError:
             if trace_id in self._cancel_requested and task.uncancel() == 0:
                 outcome = "cancelled"
-                await self._publish(trace_id, StreamEnd(
-                    trace_id=trace_id, finish_reason="cancelled", prompt_tokens=stats["prompt_tokens"],
-                    completion_tokens=stats["completion_tokens"], chunks=stats.get("chunks", 0),
-                    worker_id=self.worker_id))
+                await self._publish(
+                    trace_id,
+                    StreamEnd(
+                        trace_id=trace_id,
+                        finish_reason="cancelled",
+                        prompt_tokens=stats["prompt_tokens"],
+                        completion_tokens=stats["completion_tokens"],
+                        chunks=stats.get("chunks", 0),
+                        worker_id=self.worker_id,
+                    ),
+                )
             else:
                 outcome = "aborted"
-                await asyncio.shield(self._publish(trace_id, StreamError(
-                    trace_id=trace_id, code=ErrorCode.INTERNAL_ERROR, message="the worker shut down mid-stream",
-                    retryable=True, worker_id=self.worker_id)))
+                await asyncio.shield(
+                    self._publish(
+                        trace_id,
+                        StreamError(
+                            trace_id=trace_id,
+                            code=ErrorCode.INTERNAL_ERROR,
+                            message="the worker shut down mid-stream",
+                            retryable=True,
+                            worker_id=self.worker_id,
+                        ),
+                    )
+                )
                 raise
         except CyError as exc:
             outcome = exc.code.value
-            await self._publish(trace_id, StreamError(
-                trace_id=trace_id, code=exc.code, message=exc.body.message, retryable=exc.body.retryable,
-                worker_id=self.worker_id))
+            await self._publish(
+                trace_id,
+                StreamError(
+                    trace_id=trace_id,
+                    code=exc.code,
+                    message=exc.body.message,
+                    retryable=exc.body.retryable,
+                    worker_id=self.worker_id,
+                ),
+            )
         except Exception:
             outcome = ErrorCode.INTERNAL_ERROR.value
             log.exception("request_failed")
-            await self._publish(trace_id, StreamError(
-                trace_id=trace_id, code=ErrorCode.INTERNAL_ERROR, message="internal error in the engine worker",
-                worker_id=self.worker_id))
+            await self._publish(
+                trace_id,
+                StreamError(
+                    trace_id=trace_id,
+                    code=ErrorCode.INTERNAL_ERROR,
+                    message="internal error in the engine worker",
+                    worker_id=self.worker_id,
+                ),
+            )
         finally:
             self._active.pop(trace_id, None)
             self._cancel_requested.discard(trace_id)
-            log.info("generation", outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1),
-                     **stats)
+            log.info("generation", outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1), **stats)
 
     async def _generate(self, req: GenerateRequest, started: float, stats: dict[str, Any]) -> StreamEnd:
         trace_id = req.trace_id
         if req.deadline_ms and now_ms() > req.deadline_ms:
             raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the request expired while queued", retryable=True)
         if req.adapter and not self.engine.has_adapter(req.adapter):
-            raise CyError(ErrorCode.MODEL_NOT_FOUND,
-                          f"adapter {req.adapter!r} is not available for model {self.model_id!r}")
+            raise CyError(
+                ErrorCode.MODEL_NOT_FOUND, f"adapter {req.adapter!r} is not available for model {self.model_id!r}"
+            )
         prompt_ids = self.engine.encode(req)
         stats["prompt_tokens"] = len(prompt_ids)
-        await self._publish(trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id,
-                                               prompt_tokens=len(prompt_ids)))
+        await self._publish(
+            trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id, prompt_tokens=len(prompt_ids))
+        )
         chunk_size = req.stream_chunk_size or self.settings.stream_chunk_size
         detok = IncrementalDetokenizer(self.engine.tokenizer)
         stops = StopMatcher(req.generation.stop)
@@ -362,9 +421,17 @@ class Worker:
                 text += piece
                 # The first chunk goes out as soon as it has text (time to first token); then every N tokens.
                 if finish is not None or (text and (index == 0 or tokens >= chunk_size)):
-                    await self._publish(trace_id, TokenChunk(
-                        trace_id=trace_id, chunk=text, index=index, token_count=tokens,
-                        end_of_stream=finish is not None, finish_reason=finish))
+                    await self._publish(
+                        trace_id,
+                        TokenChunk(
+                            trace_id=trace_id,
+                            chunk=text,
+                            index=index,
+                            token_count=tokens,
+                            end_of_stream=finish is not None,
+                            finish_reason=finish,
+                        ),
+                    )
                     index += 1
                     stats["chunks"] = index
                     text, tokens = "", 0
@@ -373,8 +440,14 @@ class Worker:
         finally:
             await steps.aclose()  # type: ignore[attr-defined]
         end = StreamEnd(
-            trace_id=trace_id, finish_reason=finish or "stop", prompt_tokens=len(prompt_ids),
-            completion_tokens=stats["completion_tokens"], chunks=index, worker_id=self.worker_id,
-            ttft_ms=stats["ttft_ms"] or 0.0, duration_ms=round((time.monotonic() - started) * 1000, 1))
+            trace_id=trace_id,
+            finish_reason=finish or "stop",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=stats["completion_tokens"],
+            chunks=index,
+            worker_id=self.worker_id,
+            ttft_ms=stats["ttft_ms"] or 0.0,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
         await self._publish(trace_id, end)
         return end

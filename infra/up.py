@@ -1,0 +1,128 @@
+"""`just up`: the whole stack in the foreground on its embedded defaults.
+
+Starts nats-server (JetStream, store under the data folder), one engine worker for the default model,
+and the gateway (/api/v1 on 8080, /v1 on 8000). Creates the API key and the internal NATS token once
+(stored under the data folder) when they are not set. Ctrl-C stops everything in order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from infra.model_files import ensure_model
+from infra.nats import nats_server_binary, start_nats
+from services.engine.registry import load_registry
+from services.runtime import data_dir
+
+
+def _secret(env: dict[str, str], var: str, path: Path) -> tuple[str, bool]:
+    """Value of `var`, else the one stored at `path`, else a new random one stored there."""
+    if env.get(var):
+        return env[var], False
+    if path.exists():
+        return path.read_text().strip(), False
+    value = secrets.token_urlsafe(32)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value, True
+
+
+def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            req = urllib.request.Request(url, headers={"X-API-Key": key})
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if b'"status":"UP"' in resp.read():
+                    return True
+        except Exception:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def main() -> int:
+    data = data_dir()
+    data.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    api_key, new_key = _secret(env, "CY_LLM_API_KEY", data / "api_key")
+    token, _ = _secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
+    nats_port = int(env.get("CY_LLM_NATS_PORT", "4222"))
+    embedded = env.get("CY_LLM_EMBEDDED_NATS", "1") != "0"
+    env.update(CY_LLM_API_KEY=api_key, CY_LLM_INTERNAL_TOKEN=token, CY_LLM_DATA_DIR=str(data))
+    if embedded:
+        env["CY_LLM_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
+
+    registry = load_registry()
+    model = env.get("CY_LLM_MODEL", "default")
+    resolved = registry.resolve(model)
+    if resolved is None:
+        print(f"CY_LLM_MODEL={model!r} is not in {env.get('CY_LLM_MODELS_FILE', 'infra/models.json')}", file=sys.stderr)
+        return 2
+    print(f"[cy-llm] preparing model {resolved[0]} ...", flush=True)
+    ensure_model(resolved[1])
+
+    procs: list[subprocess.Popen[bytes]] = []
+    if embedded:
+        print(f"[cy-llm] nats-server ({nats_server_binary()}) on 127.0.0.1:{nats_port}", flush=True)
+        procs.append(start_nats(data, port=nats_port, token=token, log_file=data / "nats.log"))
+    workers = int(env.get("CY_LLM_WORKERS", "1"))
+    for i in range(workers):
+        wenv = dict(env, CY_LLM_WORKER_ID=env.get("CY_LLM_WORKER_ID", f"worker-{i + 1}"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.engine"], env=wenv))
+    procs.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=env))
+
+    stop = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    port = env.get("CY_LLM_PORT", "8080")
+    lite = env.get("CY_LLM_LITE_PORT", "8000")
+    host = env.get("CY_LLM_HOST", "127.0.0.1")
+    if _wait_ready(f"http://{host}:{port}/api/v1/health", api_key, procs):
+        print("\n[cy-llm] ready", flush=True)
+        print(f"  REST API    http://{host}:{port}/api/v1   (header X-API-Key)", flush=True)
+        print(f"  OpenAI API  http://{host}:{lite}/v1", flush=True)
+        print(
+            f"  API key     {api_key}"
+            + (
+                "   (new; stored in " + str(data / "api_key") + ")"
+                if new_key
+                else f"   (from {'CY_LLM_API_KEY' if os.environ.get('CY_LLM_API_KEY') else data / 'api_key'})"
+            ),
+            flush=True,
+        )
+        print(f"  NATS        {env['CY_LLM_NATS_URL']}   (token in {data / 'internal_token'})\n", flush=True)
+    code = 0
+    while not stop:
+        if any(p.poll() is not None for p in procs):
+            print("[cy-llm] a component exited; stopping the stack", file=sys.stderr, flush=True)
+            code = 1
+            break
+        time.sleep(0.5)
+    for proc in reversed(procs):  # gateway first, nats-server last
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+# CY-LLM: `just --list` is the menu.
+set positional-arguments
+
+python := justfile_directory() / ".venv/bin/python"
+
+[doc("Set up .venv, dependencies and the default model (idempotent)")]
+[group("setup")]
+setup:
+    bash infra/setup.sh
+
+[doc("Run the whole stack in the foreground: nats-server, one worker, gateway (/api/v1 :8080, /v1 :8000)")]
+[group("run")]
+up:
+    {{python}} -m infra.up
+
+[doc("Run the test suite (extra args go to pytest, e.g. `just test -k stream`)")]
+[group("test")]
+test *args:
+    {{python}} -m pytest "$@"
+
+[doc("Lint and type-check")]
+[group("test")]
+lint:
+    {{python}} -m ruff check .
+    {{python}} -m ruff format --check .
+    {{python}} -m mypy
+
+[doc("Benchmark report: in-process vs gateway vs direct NATS vs `transformers serve` (--quick for <5 min)")]
+[group("bench")]
+bench *args:
+    {{python}} -m infra.bench "$@"
+
+[doc("Convert the registry's models (GGUF -> safetensors) into the data folder")]
+[group("setup")]
+model:
+    {{python}} -m infra.model_files

@@ -1,0 +1,64 @@
+"""Session-wide real parts: one nats-server (JetStream, temp store), the models, one tiny-model worker
+and one gateway. Tests that break things (kill, restart) start their own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.engine.registry import Registry
+from services.engine.worker import Worker
+from tests.helpers import (
+    Gateway,
+    NatsServer,
+    build_tiny_model,
+    make_registry,
+    real_model_dir,
+    running_gateway,
+    running_worker,
+)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cy")
+
+
+@pytest.fixture(scope="session")
+def nats_server(session_dir: Path) -> Iterator[NatsServer]:
+    server = NatsServer(session_dir / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(session_dir: Path) -> Registry:
+    real = real_model_dir()
+    tiny = build_tiny_model(real.parent / "tiny-llama-test")
+    return make_registry(session_dir, tiny, real)
+
+
+@pytest.fixture(scope="session")
+async def tiny_worker(nats_server: NatsServer, registry: Registry) -> AsyncIterator[Worker]:
+    async with running_worker(nats_server.url, registry, "tiny", worker_id="tiny-w1", slots=8) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
+async def gateway(nats_server: NatsServer, registry: Registry, tiny_worker: Worker) -> AsyncIterator[Gateway]:
+    async with running_gateway(nats_server.url, registry) as gw:
+        # Wait until the gateway has seen the worker's heartbeat.
+        from tests.helpers import wait_until
+
+        await wait_until(lambda: gw.core.workers.model_state("tiny") == "ready")
+        yield gw
+
+
+@pytest.fixture(scope="session")
+async def real_worker(nats_server: NatsServer, registry: Registry) -> AsyncIterator[Worker]:
+    async with running_worker(
+        nats_server.url, registry, "smollm2-135m-instruct", worker_id="smol-w1", slots=8
+    ) as worker:
+        yield worker

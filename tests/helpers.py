@@ -1,0 +1,218 @@
+"""Building blocks for tests: real nats-server, a tiny random-weight model, in-process workers and gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hypercorn.asyncio import serve as hypercorn_serve
+
+from gateway.app import create_api_app, hypercorn_config
+from gateway.core import GatewayCore
+from gateway.settings import GatewaySettings
+from infra.model_files import ensure_model
+from infra.nats import free_port, start_nats
+from services.engine.registry import ModelSpec, Registry, load_registry
+from services.engine.worker import Worker, WorkerSettings
+
+API_KEY = "test-api-key"
+
+
+class NatsServer:
+    def __init__(self, root: Path, token: str = "") -> None:
+        self.root = root
+        self.token = token
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        self.proc = start_nats(self.root, port=self.port, token=self.token, log_file=self.root / "nats.log")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def real_model_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct, converted once into .data (shared by every test run)."""
+    registry = load_registry()
+    return ensure_model(registry.models[registry.default])
+
+
+def build_tiny_model(target: Path) -> Path:
+    """A 2-layer random-weight Llama with SmolLM2's tokenizer and chat template: fast and deterministic."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (target / "config.json").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(real_model_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def make_registry(root: Path, tiny_dir: Path, real_dir: Path) -> Registry:
+    path = root / "models.json"
+    path.write_text(
+        json.dumps(
+            {
+                "default": "tiny",
+                "models": {
+                    "tiny": {
+                        "name": "Tiny random Llama",
+                        "engine": "transformers",
+                        "modelPath": str(tiny_dir),
+                        "maxModelLen": 256,
+                        "dtype": "float32",
+                        "capabilities": ["inference", "stream", "training"],
+                    },
+                    "smollm2-135m-instruct": {
+                        "name": "SmolLM2 135M Instruct",
+                        "engine": "transformers",
+                        "modelPath": str(real_dir),
+                        "maxModelLen": 8192,
+                        "dtype": "float32",
+                    },
+                    "unserved": {
+                        "name": "Configured but never started",
+                        "engine": "transformers",
+                        "modelPath": str(root / "nowhere"),
+                        "maxModelLen": 512,
+                    },
+                },
+            }
+        )
+    )
+    return load_registry(path)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(nats_url: str, registry: Registry, model_id: str, **overrides: Any) -> AsyncIterator[Worker]:
+    settings = WorkerSettings(nats_url=nats_url, model=model_id, **overrides)
+    worker = Worker(settings, spec=(model_id, registry.models[model_id]))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+class Gateway:
+    """A real hypercorn server for the /api/v1 app (and /v1 when it exists), on free ports."""
+
+    def __init__(self, core: GatewayCore, api_url: str, lite_url: str | None) -> None:
+        self.core = core
+        self.api_url = api_url
+        self.lite_url = lite_url
+
+    def client(self, api_key: str | None = API_KEY, timeout: float = 120) -> httpx.AsyncClient:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        return httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(nats_url: str, registry: Registry, **overrides: Any) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(nats_url=nats_url, api_key=API_KEY, port=free_port(), lite_port=free_port(), **overrides)
+    core = GatewayCore(settings, registry=registry)
+    await core.start()
+    stop = asyncio.Event()
+    apps: list[tuple[Any, int]] = [(create_api_app(core), settings.port)]
+    lite_url = None
+    try:
+        from gateway.openai.app import create_lite_app
+    except ImportError:
+        pass
+    else:
+        apps.append((create_lite_app(core), settings.lite_port))
+        lite_url = f"http://127.0.0.1:{settings.lite_port}/v1"
+    tasks = [
+        asyncio.create_task(
+            hypercorn_serve(
+                app,
+                hypercorn_config("127.0.0.1", port),  # type: ignore[arg-type]
+                shutdown_trigger=stop.wait,
+            )
+        )
+        for app, port in apps
+    ]
+    for _, port in apps:
+        await _wait_port(port)
+    try:
+        yield Gateway(core, f"http://127.0.0.1:{settings.port}", lite_url)
+    finally:
+        core.draining = True
+        stop.set()
+        await asyncio.wait(tasks, timeout=10)
+        await core.close()
+
+
+async def _wait_port(port: int) -> None:
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.02)
+    raise TimeoutError(f"port {port} never opened")
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached in time")
+        await asyncio.sleep(interval)
+
+
+def parse_sse(body: str) -> list[Any]:
+    """SSE body -> list of decoded `data:` payloads ("[DONE]" kept as a string)."""
+    events: list[Any] = []
+    for block in body.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def model_spec(registry: Registry, model_id: str) -> ModelSpec:
+    return registry.models[model_id]
