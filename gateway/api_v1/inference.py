@@ -61,7 +61,8 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("inference", __name__)
 
     async def parse() -> GenerateRequest:
-        req = build(core, decode_body(await request.get_data(as_text=False), InferenceBody)  # type: ignore[arg-type])
+        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        req = build(core, decode_body(data, InferenceBody))
         bind_request_context(req)
         return req
 
