@@ -46,6 +46,19 @@ class GatewayCore:
         if getattr(self, "nc", None) is not None and not self.nc.is_closed:
             await self.nc.drain()
 
+    def adapters(self, model_id: str) -> list[str]:
+        """LoRA adapters usable with `model_id`: configured in the registry or announced by live workers."""
+        spec = self.registry.models.get(model_id)
+        static = set(spec.adapters) if spec else set()
+        return sorted(static | set(self.workers.adapters(model_id)))
+
+    def resolve_adapter(self, name: str) -> tuple[str, str] | None:
+        """(base model id, adapter) for an adapter name used as a model name (as vLLM users do)."""
+        for model_id in self.registry.models:
+            if name in self.adapters(model_id):
+                return model_id, name
+        return None
+
     async def queue_state(self) -> tuple[int, int]:
         """(pendingTasks, maxSize) straight from the work-queue stream."""
         info = await self.js.stream_info(subjects.GENERATE_STREAM)

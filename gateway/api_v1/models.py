@@ -14,7 +14,7 @@ from services.engine.registry import ModelSpec
 
 def model_summary(core: GatewayCore, model_id: str, spec: ModelSpec) -> dict[str, Any]:
     engines = core.workers.engines(model_id)
-    adapters = sorted(set(spec.adapters) | set(core.workers.adapters(model_id)))
+    adapters = core.adapters(model_id)
     out: dict[str, Any] = {
         "id": model_id,
         "name": spec.name,
