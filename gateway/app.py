@@ -98,7 +98,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
 
     async def shutdown_trigger() -> None:
         await stop.wait()
-        core.draining = True
+        log.info("gateway_draining", open_requests=core.open_requests)
+        await core.drain(settings.drain_timeout)
 
     log.info(
         "gateway_listening",

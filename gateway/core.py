@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from gateway.nats_client import InferenceClient
+from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
@@ -24,6 +28,10 @@ class GatewayCore:
         self.workers = WorkersView()
         self.started_at = datetime.now(UTC)
         self.draining = False
+        self.open_requests = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_concurrent)
         self.nc: NATS
         self.js: JetStreamContext
         self.inference: InferenceClient
@@ -45,6 +53,25 @@ class GatewayCore:
     async def close(self) -> None:
         if getattr(self, "nc", None) is not None and not self.nc.is_closed:
             await self.nc.drain()
+
+    @contextlib.asynccontextmanager
+    async def in_flight(self) -> AsyncIterator[None]:
+        self.open_requests += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.open_requests -= 1
+            if self.open_requests == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work (503) and wait up to `timeout` s for open requests to finish."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def adapters(self, model_id: str) -> list[str]:
         """LoRA adapters usable with `model_id`: configured in the registry or announced by live workers."""

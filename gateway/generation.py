@@ -93,7 +93,7 @@ class Outcome:
 
 async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome) -> Outcome:
     """Run a request to its end. Raises CyError on any failure."""
-    async with core.inference.open(admit(core, request)) as stream:
+    async with core.inference.open(admit(core, request)) as stream, core.in_flight():
         while not stream.finished:
             reply = await stream.next()
             if reply is not None:
@@ -103,5 +103,5 @@ async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome
 
 @contextlib.asynccontextmanager
 async def streaming(core: GatewayCore, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
-    async with core.inference.open(admit(core, request)) as stream:
+    async with core.inference.open(admit(core, request)) as stream, core.in_flight():
         yield stream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -24,8 +24,16 @@ log = structlog.get_logger()
 _QUEUE_FULL = 10077  # JetStream: maximum messages exceeded (discard=new)
 
 
+class _WorkerLost(Exception):
+    pass
+
+
 class ReplyStream:
-    """Replies of one request, in order, with the deadlines and worker-liveness checks applied."""
+    """Replies of one request, in order, with the deadlines and worker-liveness checks applied.
+
+    A worker that dies after accepting but before sending any text is retried once on another
+    worker, transparently; one that dies later ends the stream with a retryable INTERNAL_ERROR.
+    """
 
     def __init__(
         self,
@@ -35,6 +43,8 @@ class ReplyStream:
         *,
         queue_timeout: float,
         request_timeout: float,
+        requeue: Callable[[GenerateRequest], Awaitable[None]] | None = None,
+        retries: int = 1,
     ) -> None:
         self._sub = sub
         self.request = request
@@ -43,6 +53,8 @@ class ReplyStream:
         self._request_timeout = request_timeout
         self._accepted_at: float | None = None
         self._next_index = 0
+        self._requeue = requeue
+        self._retries = retries
         self.worker_id = ""
         self.finished = False
         self.started = time.monotonic()
@@ -55,7 +67,20 @@ class ReplyStream:
         until = time.monotonic() + wait
         while True:
             now = time.monotonic()
-            self._check_deadlines(now)
+            try:
+                self._check_deadlines(now)
+            except _WorkerLost:
+                if self._next_index == 0 and self._retries > 0 and self._requeue is not None:
+                    log.warning("worker_lost_retrying", worker_id=self.worker_id)
+                    self._retries -= 1
+                    self._accepted_at, self.worker_id = None, ""
+                    self.started = now
+                    await self._requeue(self.request)
+                    continue
+                self.finished = True
+                raise CyError(
+                    ErrorCode.INTERNAL_ERROR, f"worker {self.worker_id} stopped responding mid-stream", retryable=True
+                ) from None
             if now >= until:
                 return None
             try:
@@ -137,7 +162,12 @@ class InferenceClient:
         """Subscribe to the reply subject, enqueue the request, yield its replies; cancel on early exit."""
         sub = await self.nc.subscribe(subjects.stream_subject(request.trace_id), pending_msgs_limit=100_000)
         stream = ReplyStream(
-            sub, request, self.workers, queue_timeout=self.queue_timeout, request_timeout=self.request_timeout
+            sub,
+            request,
+            self.workers,
+            queue_timeout=self.queue_timeout,
+            request_timeout=self.request_timeout,
+            requeue=self._enqueue,
         )
         try:
             await self._enqueue(request)

@@ -24,6 +24,11 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    # On SIGTERM: seconds open requests get to finish while new ones are refused with 503.
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # Per client (API key / bearer token / address) and per gateway process; 0 disables a limit.
+    rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
+    rate_limit_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 64
     # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
     keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 

@@ -104,7 +104,10 @@ def make_registry(root: Path, tiny_dir: Path, real_dir: Path) -> Registry:
                         "dtype": "float32",
                         "capabilities": ["inference", "stream", "training"],
                     },
-                    "smollm2-135m-instruct": {
+                    # Same weights, served only by the workers a test starts itself (dispatch tests).
+            "tiny-solo": {"name": "Tiny (per-test workers)", "engine": "transformers", "modelPath": str(tiny_dir),
+                          "maxModelLen": 256, "dtype": "float32"},
+            "smollm2-135m-instruct": {
                         "name": "SmolLM2 135M Instruct",
                         "engine": "transformers",
                         "modelPath": str(real_dir),

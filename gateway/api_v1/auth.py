@@ -10,9 +10,14 @@ from schemas.errors import CyError, ErrorCode
 
 
 def require_api_key(expected: str) -> None:
-    """Raises CyError(UNAUTHORIZED) when the header is missing or wrong."""
+    """Raises CyError(UNAUTHORIZED) when the header is missing or wrong.
+
+    `expected` may list several keys separated by commas (one per client: rate limits are per key).
+    """
     given = request.headers.get("X-API-Key", "")
     if not given:
         raise CyError(ErrorCode.UNAUTHORIZED, "missing X-API-Key header")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    # Compare against every key (no early exit) so timing says nothing about which matched.
+    matches = [hmac.compare_digest(given.encode(), key.strip().encode()) for key in expected.split(",") if key.strip()]
+    if not any(matches):
         raise CyError(ErrorCode.UNAUTHORIZED, "invalid API key")

@@ -14,6 +14,7 @@ from gateway.api_v1.protocol import InferenceBody
 from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S, Outcome, complete, new_trace_id, resolve_model, streaming
 from gateway.http_errors import decode_body, envelope, json_response
+from gateway.ratelimit import RateLimiter
 from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import (
@@ -44,6 +45,10 @@ def build(core: GatewayCore, body: InferenceBody) -> GenerateRequest:
     )
 
 
+def client_key() -> str:
+    return RateLimiter.client_key(request.headers.get("X-API-Key", ""), request.remote_addr or "")
+
+
 def bind_request_context(req: GenerateRequest) -> None:
     meta = req.metadata
     structlog.contextvars.bind_contextvars(
@@ -71,7 +76,8 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
         req = await parse()
         outcome = Outcome()
         try:
-            await complete(core, req, outcome)
+            with core.limiter.hold(client_key()):
+                await complete(core, req, outcome)
         except CyError as exc:
             log.info("request", route="inference", status=exc.status, code=exc.code.value, **outcome.log_fields())
             raise
@@ -109,6 +115,7 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
     outcome = Outcome()
     stack = contextlib.AsyncExitStack()
     try:
+        stack.enter_context(core.limiter.hold(client_key()))
         stream = await stack.enter_async_context(streaming(core, req))
         first = await stream.next(FIRST_REPLY_GRACE_S)
         if first is not None:
