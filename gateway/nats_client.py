@@ -57,7 +57,7 @@ class ReplyStream:
         self._retries = retries
         self.worker_id = ""
         self.finished = False
-        self.started = time.monotonic()
+        self.started = self._queued_at = time.monotonic()
 
     async def next(self, wait: float = float("inf")) -> Reply | None:
         """The next reply, or None when nothing came within `wait` seconds (keep-alive time).
@@ -74,7 +74,7 @@ class ReplyStream:
                     log.warning("worker_lost_retrying", worker_id=self.worker_id)
                     self._retries -= 1
                     self._accepted_at, self.worker_id = None, ""
-                    self.started = now
+                    self._queued_at = now
                     await self._requeue(self.request)
                     continue
                 self.finished = True
@@ -107,7 +107,7 @@ class ReplyStream:
         return reply
 
     def _check_deadlines(self, now: float) -> None:
-        if self._accepted_at is None and now - self.started > self._queue_timeout:
+        if self._accepted_at is None and now - self._queued_at > self._queue_timeout:
             self.finished = True
             raise CyError(
                 ErrorCode.INSUFFICIENT_RESOURCES,
@@ -118,10 +118,7 @@ class ReplyStream:
         if self._accepted_at is not None and self.worker_id:
             info = self._workers.get(self.worker_id)
             if info is None or not self._workers.is_healthy(info):
-                self.finished = True
-                raise CyError(
-                    ErrorCode.INTERNAL_ERROR, f"worker {self.worker_id} stopped responding mid-stream", retryable=True
-                )
+                raise _WorkerLost
         if now - self.started > self._request_timeout:
             self.finished = True
             raise CyError(ErrorCode.INTERNAL_ERROR, f"request exceeded {self._request_timeout:g}s")

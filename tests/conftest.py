@@ -41,6 +41,11 @@ def registry(session_dir: Path) -> Registry:
 
 
 @pytest.fixture(scope="session")
+def registry_file(registry: Registry, session_dir: Path) -> Path:
+    return session_dir / "models.json"
+
+
+@pytest.fixture(scope="session")
 async def tiny_worker(nats_server: NatsServer, registry: Registry) -> AsyncIterator[Worker]:
     async with running_worker(nats_server.url, registry, "tiny", worker_id="tiny-w1", slots=8) as worker:
         yield worker

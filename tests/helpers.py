@@ -105,9 +105,14 @@ def make_registry(root: Path, tiny_dir: Path, real_dir: Path) -> Registry:
                         "capabilities": ["inference", "stream", "training"],
                     },
                     # Same weights, served only by the workers a test starts itself (dispatch tests).
-            "tiny-solo": {"name": "Tiny (per-test workers)", "engine": "transformers", "modelPath": str(tiny_dir),
-                          "maxModelLen": 256, "dtype": "float32"},
-            "smollm2-135m-instruct": {
+                    "tiny-solo": {
+                        "name": "Tiny (per-test workers)",
+                        "engine": "transformers",
+                        "modelPath": str(tiny_dir),
+                        "maxModelLen": 256,
+                        "dtype": "float32",
+                    },
+                    "smollm2-135m-instruct": {
                         "name": "SmolLM2 135M Instruct",
                         "engine": "transformers",
                         "modelPath": str(real_dir),
@@ -153,7 +158,8 @@ class Gateway:
 
 @contextlib.asynccontextmanager
 async def running_gateway(nats_url: str, registry: Registry, **overrides: Any) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(nats_url=nats_url, api_key=API_KEY, port=free_port(), lite_port=free_port(), **overrides)
+    overrides.setdefault("api_key", API_KEY)
+    settings = GatewaySettings(nats_url=nats_url, port=free_port(), lite_port=free_port(), **overrides)
     core = GatewayCore(settings, registry=registry)
     await core.start()
     stop = asyncio.Event()
@@ -219,3 +225,46 @@ def parse_sse(body: str) -> list[Any]:
 
 def model_spec(registry: Registry, model_id: str) -> ModelSpec:
     return registry.models[model_id]
+
+
+class WorkerProcess:
+    """An engine worker as a real OS process (`python -m services.engine`), for kill/SIGTERM tests."""
+
+    def __init__(self, nats_url: str, registry_file: Path, model_id: str, worker_id: str, **env: str) -> None:
+        import os
+        import sys
+
+        self.worker_id = worker_id
+        full_env = dict(
+            os.environ,
+            CY_LLM_NATS_URL=nats_url,
+            CY_LLM_MODELS_FILE=str(registry_file),
+            CY_LLM_MODEL=model_id,
+            CY_LLM_WORKER_ID=worker_id,
+            **env,
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.engine"], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    async def wait_ready(self, nc: Any, timeout: float = 120) -> None:
+        from schemas import codec, subjects
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                kv = await nc.jetstream().key_value(subjects.WORKERS_BUCKET)
+                info = codec.worker_decoder.decode((await kv.get(subjects.worker_key(self.worker_id))).value)
+                if info.models[0].status == "ready":
+                    return
+            except Exception:
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError("worker never became ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)

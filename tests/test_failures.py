@@ -1,0 +1,152 @@
+"""Failures turn into fast, clear outcomes: killed workers, SIGTERM, a restarting nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas import subjects
+from schemas.inference import GenerationParams, StreamEnd, StreamError, TokenChunk
+from services import streams
+from services.engine.registry import Registry
+from tests.dispatch.nats_client import connect, request, submit
+from tests.helpers import NatsServer, WorkerProcess, parse_sse, running_gateway, running_worker, wait_until
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_within_seconds(
+    nats_server: NatsServer, registry: Registry, registry_file: Path
+) -> None:
+    nc = await connect(nats_server.url)
+    worker = WorkerProcess(nats_server.url, registry_file, SMOL, "doomed-1")
+    try:
+        await worker.wait_ready(nc)
+        async with running_gateway(nats_server.url, registry) as gw:
+            await wait_until(lambda: gw.core.workers.is_alive("doomed-1"))
+            body = {
+                "modelId": SMOL,
+                "prompt": "Write a long story.",
+                "workerHint": "doomed-1",
+                "generation": {"temperature": 0, "maxNewTokens": 400},
+            }
+            async with gw.client() as client, client.stream("POST", "/api/v1/inference/stream", json=body) as r:
+                lines: list[str] = []
+                killed_at = 0.0
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line.startswith("data: ") and not killed_at:
+                        worker.proc.kill()
+                        killed_at = time.monotonic()
+                ended_after = time.monotonic() - killed_at
+        events = parse_sse("\n".join(lines))
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "INTERNAL_ERROR" and "doomed-1" in events[-2]["error"]["message"]
+        assert ended_after < 8
+    finally:
+        worker.stop()
+        await nc.drain()
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_before_its_first_token_is_retried_on_another_worker(
+    nats_server: NatsServer, registry: Registry, registry_file: Path, real_worker
+) -> None:  # type: ignore[no-untyped-def]
+    nc = await connect(nats_server.url)
+    worker = WorkerProcess(nats_server.url, registry_file, SMOL, "doomed-2")
+    try:
+        await worker.wait_ready(nc)
+        async with running_gateway(nats_server.url, registry) as gw:
+            await wait_until(lambda: gw.core.workers.is_alive("doomed-2"))
+            req = request(
+                SMOL,
+                "word " * 1500,
+                worker_hint="doomed-2",
+                generation=GenerationParams(temperature=0, max_new_tokens=4),
+            )
+            async with gw.core.inference.open(req) as stream:
+                first = await stream.next(60)
+                assert first is not None and getattr(first, "worker_id", "") == "doomed-2"
+                worker.proc.kill()  # during the long prefill: no token was sent yet
+                replies = []
+                while not stream.finished:
+                    reply = await stream.next()
+                    if reply is not None:
+                        replies.append(reply)
+        assert isinstance(replies[-1], StreamEnd), replies[-1]
+        assert replies[-1].worker_id == real_worker.worker_id
+    finally:
+        worker.stop()
+        await nc.drain()
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_open_streams_finish_then_the_worker_exits(
+    nats_server: NatsServer, registry: Registry, registry_file: Path
+) -> None:
+    nc = await connect(nats_server.url)
+    worker = WorkerProcess(nats_server.url, registry_file, SMOL, "draining-1")
+    try:
+        await worker.wait_ready(nc)
+        got = await submit(
+            nc,
+            request(
+                SMOL,
+                "Count to twenty.",
+                worker_hint="draining-1",
+                generation=GenerationParams(temperature=0, max_new_tokens=40),
+            ),
+            subjects.hinted_subject(SMOL, "draining-1"),
+        )
+        await wait_until(lambda: any(isinstance(r, TokenChunk) for r in got.replies), timeout=60)
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(got.done.wait(), 60)
+        assert isinstance(got.end, StreamEnd) and got.end.completion_tokens > 1
+        assert await asyncio.to_thread(worker.proc.wait, 30) == 0
+    finally:
+        worker.stop()
+        await nc.drain()
+
+
+async def test_queued_work_survives_a_nats_restart_and_services_reconnect(tmp_path: Path, registry: Registry) -> None:
+    server = NatsServer(tmp_path).start()
+    try:
+        nc = await connect(server.url)
+        await streams.ensure_generate_stream(nc.jetstream(), 1000)
+        queued = [await submit(nc, request("tiny-solo", f"q{i}")) for i in range(3)]
+        async with running_gateway(server.url, registry) as gw:
+            server.stop()
+            await asyncio.sleep(0.5)
+            server.start()  # same port, same store directory
+            async with running_worker(server.url, registry, "tiny-solo", worker_id="after-restart", slots=4):
+                await asyncio.wait_for(asyncio.gather(*(c.done.wait() for c in queued)), 60)
+                assert all(isinstance(c.end, StreamEnd) for c in queued)
+                await wait_until(lambda: gw.core.workers.model_state("tiny-solo") == "ready", timeout=20)
+                async with gw.client() as client:
+                    r = await client.post(
+                        "/api/v1/inference",
+                        json={"modelId": "tiny-solo", "prompt": "hi", "generation": {"maxNewTokens": 3}},
+                    )
+                assert r.status_code == 200, r.text
+        await nc.drain()
+    finally:
+        server.stop()
+
+
+async def test_an_error_event_is_sent_when_the_request_is_undecodable(nats_server: NatsServer, tiny_worker) -> None:  # type: ignore[no-untyped-def]
+    import msgspec
+
+    nc = await connect(nats_server.url)
+    inbox = await nc.subscribe(subjects.stream_subject("bad-1"))
+    bad = msgspec.msgpack.encode({"trace_id": "bad-1", "model_id": "tiny", "generation": {"temperature": "hot"}})
+    await nc.jetstream().publish(subjects.generate_subject("tiny"), bad)
+    from schemas import codec
+
+    reply = codec.reply_decoder.decode((await inbox.next_msg(timeout=10)).data)
+    await nc.drain()
+    assert isinstance(reply, StreamError) and reply.code == "INVALID_REQUEST"
