@@ -1,0 +1,58 @@
+"""create_lite_app(): the OpenAI-compatible API under /v1 (port 8000), plus /health and /ready."""
+
+from __future__ import annotations
+
+import structlog
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from gateway.core import GatewayCore
+from gateway.http_errors import json_response
+from gateway.openai import completions, health, models
+from gateway.openai.auth import require_bearer
+from gateway.openai.errors import error_response
+from schemas.errors import CyError, ErrorCode
+
+log = structlog.get_logger()
+
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def create_lite_app(core: GatewayCore) -> Quart:
+    """The Lite API. /v1 needs `Authorization: Bearer <GATEWAY_API_TOKEN>` when that token is set."""
+    app = Quart("cy-llm-lite")
+    app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
+    app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
+    app.register_blueprint(health.make_blueprint(core))
+
+    @app.before_request
+    async def authenticate() -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(service="gateway-lite", path=request.path)
+        if request.path == "/v1" or request.path.startswith("/v1/"):
+            require_bearer(core.settings.gateway_api_token)
+
+    @app.errorhandler(CyError)
+    async def on_cy_error(exc: CyError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 404:
+            message = f"Invalid URL ({request.method} {request.path})"
+        elif status == 413:
+            message = f"The request body exceeds {core.settings.max_body_bytes} bytes."
+        else:
+            message = exc.description or exc.name
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": _HTTP_CODES.get(status)}}
+        return json_response(body, status=status)
+
+    @app.errorhandler(Exception)
+    async def on_unexpected(exc: Exception) -> Response:
+        log.exception("unhandled_error")
+        return error_response(CyError(ErrorCode.INTERNAL_ERROR, "internal error"))
+
+    return app

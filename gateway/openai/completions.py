@@ -1,0 +1,249 @@
+"""POST /v1/chat/completions and /v1/completions: JSON or SSE, n choices, usage with real token counts."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import structlog
+from quart import Blueprint, Response, request
+
+from gateway.core import GatewayCore
+from gateway.generation import FIRST_REPLY_GRACE_S
+from gateway.http_errors import json_response
+from gateway.openai.auth import bearer_token
+from gateway.openai.choices import Choices
+from gateway.openai.errors import decode_request, error_body
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai.translate import Plan, finish_reason, plan_chat, plan_completion
+from gateway.ratelimit import RateLimiter
+from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
+from schemas.errors import CyError, ErrorCode
+from schemas.inference import StreamEnd, TokenChunk
+
+log = structlog.get_logger()
+
+
+# --- response shapes ---------------------------------------------------------------------------------------
+
+
+class Chunks(Protocol):
+    """The SSE chunk shapes of one endpoint."""
+
+    def opening(self, i: int) -> dict[str, Any] | None: ...
+    def content(self, i: int, text: str) -> dict[str, Any]: ...
+    def finish(self, i: int, reason: str) -> dict[str, Any]: ...
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]: ...
+
+
+class _Chunks:
+    object = ""
+
+    def __init__(self, plan: Plan, created: int) -> None:
+        self.plan = plan
+        self.created = created
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.plan.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.plan.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if self.plan.include_usage:
+            out["usage"] = None  # as OpenAI: null on every chunk but the last one
+        return out
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._chunk([]), "usage": usage}
+
+
+class ChatChunks(_Chunks):
+    object = "chat.completion.chunk"
+
+    def _delta(self, i: int, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
+
+    def opening(self, i: int) -> dict[str, Any]:
+        return self._delta(i, {"role": "assistant", "content": ""})
+
+    def content(self, i: int, text: str) -> dict[str, Any]:
+        return self._delta(i, {"content": text})
+
+    def finish(self, i: int, reason: str) -> dict[str, Any]:
+        return self._delta(i, {}, reason)
+
+
+class TextChunks(_Chunks):
+    object = "text_completion"  # OpenAI streams legacy completions with the same object name
+
+    def _text(self, i: int, text: str, reason: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": reason}])
+
+    def opening(self, i: int) -> dict[str, Any] | None:
+        return self._text(i, self.plan.echo[i]) if self.plan.echo else None
+
+    def content(self, i: int, text: str) -> dict[str, Any]:
+        return self._text(i, text)
+
+    def finish(self, i: int, reason: str) -> dict[str, Any]:
+        return self._text(i, "", reason)
+
+
+def chat_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
+    return {
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": created,
+        "model": plan.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(o.text), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(o.finish_reason),
+            }
+            for i, o in enumerate(choices.outcomes)
+        ],
+        "usage": choices.usage(plan.n),
+    }
+
+
+def completion_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
+    return {
+        "id": plan.id,
+        "object": "text_completion",
+        "created": created,
+        "model": plan.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "text": (plan.echo[i] if plan.echo else "") + "".join(o.text),
+                "logprobs": None,
+                "finish_reason": finish_reason(o.finish_reason),
+            }
+            for i, o in enumerate(choices.outcomes)
+        ],
+        "usage": choices.usage(plan.n),
+    }
+
+
+# --- running a plan ----------------------------------------------------------------------------------------
+
+
+def bind_plan(plan: Plan, route: str) -> None:
+    meta = plan.requests[0].metadata
+    structlog.contextvars.bind_contextvars(
+        route=route,
+        trace_id=plan.id,
+        model_id=plan.requests[0].model_id,
+        adapter=plan.adapter or None,
+        client_trace_id=meta.trace_id or None,
+        tenant=meta.tenant or None,
+        player_id=meta.player_id or None,
+        locale=meta.locale or None,
+    )
+
+
+def _rate_limit(core: GatewayCore) -> contextlib.AbstractContextManager[None]:
+    """The client's slot (per bearer token, else per address), held for the whole request (n choices = one)."""
+    return core.limiter.hold(RateLimiter.client_key(bearer_token(), request.remote_addr or ""))
+
+
+async def respond(core: GatewayCore, plan: Plan, route: str, *, chat: bool) -> Response:
+    bind_plan(plan, route)
+    headers = {"x-request-id": plan.id}
+    created = int(time.time())
+    if plan.stream:
+        chunks: Chunks = ChatChunks(plan, created) if chat else TextChunks(plan, created)
+        response = sse_response(await _open_stream(core, plan, chunks, route))
+        response.headers.update(headers)
+        return response
+    choices = Choices(core, plan.requests, hold=_rate_limit(core))
+    try:
+        async with choices:
+            async for _ in choices.replies():
+                pass
+    except CyError as exc:
+        log.info("request", status=exc.status, code=exc.code.value, **choices.log_fields())
+        raise
+    log.info("request", status=200, **choices.log_fields())
+    body = chat_body(plan, choices, created) if chat else completion_body(plan, choices, created)
+    return json_response(body, headers=headers)
+
+
+async def _open_stream(core: GatewayCore, plan: Plan, chunks: Chunks, route: str) -> AsyncIterator[bytes]:
+    """Enqueue and wait briefly for the first replies (early failures get a real HTTP status), then hand
+    the rest to the SSE generator. Raises CyError."""
+    choices = Choices(core, plan.requests, hold=_rate_limit(core))
+    try:
+        await choices.start()
+        await choices.first_replies(FIRST_REPLY_GRACE_S)
+    except CyError as exc:
+        await choices.close()
+        log.info("request", status=exc.status, code=exc.code.value, **choices.log_fields())
+        raise
+    except BaseException:
+        await choices.close()
+        raise
+    return _events(core, plan, choices, chunks, route)
+
+
+async def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str) -> AsyncIterator[bytes]:
+    """The SSE body: an opening chunk per choice, content deltas, a finish chunk per choice, the usage chunk
+    when asked, `[DONE]`. A keep-alive comment while nothing comes (queue, long prefill); an error after the
+    response has started becomes an error event. Leaving early (client gone) aborts the generations."""
+    bind_plan(plan, route)
+    outcome = "ok"
+    try:
+        for i in range(len(plan.requests)):
+            if (opening := chunks.opening(i)) is not None:
+                yield sse_event(opening)
+        async for item in choices.replies(core.settings.keepalive_interval):
+            if item is None:
+                yield SSE_KEEPALIVE
+                continue
+            i, reply = item
+            if isinstance(reply, TokenChunk) and reply.chunk:
+                yield sse_event(chunks.content(i, reply.chunk))
+            elif isinstance(reply, StreamEnd):
+                yield sse_event(chunks.finish(i, finish_reason(reply.finish_reason)))
+        if plan.include_usage:
+            yield sse_event(chunks.usage(choices.usage(plan.n)))
+    except CyError as exc:
+        outcome = exc.code.value
+        yield sse_event(error_body(exc))
+    except Exception:
+        outcome = ErrorCode.INTERNAL_ERROR.value
+        log.exception("stream_failed")
+        yield sse_event(error_body(CyError(ErrorCode.INTERNAL_ERROR, "internal error")))
+    finally:
+        await choices.close()
+        if outcome == "ok" and any(o.finish_reason is None for o in choices.outcomes):
+            outcome = "client_disconnected"
+        log.info("request", status=200, outcome=outcome, **choices.log_fields())
+    yield SSE_DONE
+
+
+def make_blueprint(core: GatewayCore) -> Blueprint:
+    bp = Blueprint("openai_completions", __name__)
+
+    @bp.post("/chat/completions")
+    async def chat_completions() -> Response:
+        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        plan = plan_chat(core, decode_request(data, ChatCompletionRequest))
+        return await respond(core, plan, "chat/completions", chat=True)
+
+    @bp.post("/completions")
+    async def completions() -> Response:
+        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        plan = plan_completion(core, decode_request(data, CompletionRequest))
+        return await respond(core, plan, "completions", chat=False)
+
+    return bp

@@ -1,0 +1,114 @@
+"""Request bodies of the Lite API, in OpenAI's field names (snake_case), decoded and range-checked by msgspec.
+
+Every field OpenAI documents for these endpoints is declared, so an unknown field is a typo or a feature
+this server does not have: the decoder refuses it (400) instead of ignoring it. Fields the engine cannot
+honour are declared loosely (`Any`) and refused with a clear 400 by `translate.refuse_unsupported` unless
+they hold their "off" value (clients such as LangChain send `logprobs: false`, `tools: []` ...).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+MAX_CHOICES = 16  # n (x prompts for /v1/completions): each is a separate generation on the workers
+MAX_STOPS = 16
+
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=32768)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOPS)] | None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    include_usage: bool = False
+    # OpenAI pads deltas against length side channels; there is nothing to pad here (accepted, no effect).
+    include_obfuscation: bool | None = None
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    """One part of a message's content. Only "text" parts are usable; others are refused in translate."""
+
+    type: str
+    text: str | None = None
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    # Accepted (LangChain, AutoGen send it); chat templates have no slot for it, so it does not change the prompt.
+    name: str | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What both POST routes share: model, sampling, stop, streaming, and OpenAI's bookkeeping fields."""
+
+    model: ModelName = "default"
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Choices | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    # Extensions sent by vLLM-style clients (`extra_body`); repetition_penalty is in the spec.
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    # Recognised, refused unless "off" (see translate.refuse_unsupported).
+    logit_bias: Any = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    messages: list[Message]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    # Caller tags; tenant/playerId/locale/traceId travel to the worker like /api/v1 metadata.
+    metadata: dict[str, str] | None = None
+    # Bookkeeping that does not change what is generated: accepted, no effect.
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: Any = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Recognised, refused unless "off".
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    store: Any = None
+
+
+class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    # A string or a list of strings (token-id prompts are refused in translate with a clear message).
+    prompt: Any
+    max_tokens: MaxTokens | None = None
+    echo: bool | None = None
+    # Recognised, refused unless "off".
+    logprobs: Any = None
+    best_of: Any = None
+    suffix: Any = None
