@@ -1,0 +1,229 @@
+"""`just bench [--quick] [--profile [STREAMS]]`: the performance report.
+
+Starts, one after the other (so each start is timed on its own):
+  1. the in-process engine (the floor: no NATS, no HTTP), in a subprocess of its own;
+  2. our stack (nats-server + worker + gateway, separate processes, as in production);
+  3. the peer, `transformers serve --continuous-batching`, on the same model folder.
+Then, for each concurrency level in turn, runs every target at that level back to back (in-process,
+direct NATS, gateway, peer): same prompts, greedy decoding, fixed output length. Interleaving by level
+means a burst of load from other users of the machine hits neighbouring figures alike, so the ratios
+between targets hold better than the absolute figures.
+Writes bench-results/bench-<time>-<mode>.{json,png} plus a folder with every component's log, and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from infra.bench import report
+from infra.bench._sse import make_client
+from infra.bench.facts import CpuWatch, machine_facts
+from infra.bench.gateway_load import gateway_request
+from infra.bench.inprocess import InProcessTarget
+from infra.bench.nats_load import connect, nats_request
+from infra.bench.peer import PeerServer, missing_requirements, peer_request
+from infra.bench.profile import Profiler
+from infra.bench.stack import QUIET_ENV, Stack, StackError
+from infra.bench.workloads import FULL, PROMPTS, QUICK, TokenCounter, Workload, run_level
+from services.runtime import REPO_ROOT
+
+LevelRunner = Callable[[int], Awaitable[dict[str, Any]]]
+
+
+def stage(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="just bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer levels and requests, shorter outputs (<5 min)")
+    parser.add_argument("--levels", help="concurrency levels (in-process, gateway, peer), e.g. 1,4,16,32")
+    parser.add_argument("--max-new-tokens", type=int, help="output length per request")
+    parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "16")), help="worker slots")
+    parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="STREAMS",
+        nargs="?",
+        const=16,
+        help="py-spy the gateway and the worker during the gateway level with STREAMS streams (default 16)",
+    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder")
+    return parser.parse_args(argv)
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    workload = QUICK if args.quick else FULL
+    if args.levels:
+        levels = tuple(int(x) for x in args.levels.split(","))
+        workload = dataclasses.replace(workload, levels=levels, inprocess_levels=levels)
+    if args.max_new_tokens:
+        workload = dataclasses.replace(workload, max_new_tokens=args.max_new_tokens)
+    if args.profile and args.profile not in workload.levels:
+        workload = dataclasses.replace(workload, levels=tuple(sorted({*workload.levels, args.profile})))
+    return workload
+
+
+class Bench:
+    """Starts the targets, runs the levels interleaved, collects everything into `results`."""
+
+    def __init__(self, args: argparse.Namespace, workload: Workload, run_dir: Path, model_id: str, model_dir: Path):
+        self.args, self.workload, self.run_dir = args, workload, run_dir
+        self.model_id, self.model_dir = model_id, model_dir
+        self.counter = TokenCounter(model_dir)
+        self.targets: dict[str, tuple[tuple[int, ...], LevelRunner]] = {}
+        self.startup: dict[str, float | None] = {}
+        self.skipped: dict[str, str] = {}
+        self.levels: list[dict[str, Any]] = []
+        self.profile: dict[str, Any] = {}
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._start_inprocess(stack)
+            await self._start_ours(stack)
+            await self._start_peer(stack)
+            w = self.workload
+            stage(f"measuring: {w.max_new_tokens} new tokens per request, levels {sorted(self._all_levels())}")
+            for c in sorted(self._all_levels()):
+                for levels, runner in self.targets.values():
+                    if c in levels:
+                        self.levels.append(await runner(c))
+            stage("stopping")
+
+    def _all_levels(self) -> set[int]:
+        return {c for levels, _ in self.targets.values() for c in levels}
+
+    async def _start_inprocess(self, stack: contextlib.AsyncExitStack) -> None:
+        stage("starting 1/3: in-process engine (the floor)")
+        target = InProcessTarget(self.workload, self.args.slots, dict(os.environ, **QUIET_ENV))
+        await stack.enter_async_context(target)
+        self.startup["inprocess_load_s"] = target.load_s
+        self.targets["in-process"] = (self.workload.inprocess_levels, target.level)
+
+    async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
+        stage("starting 2/3: our stack: nats-server + worker + gateway (separate processes)")
+        ours = Stack(self.run_dir / "stack", model_id=self.model_id, slots=self.args.slots)
+        stack.callback(ours.stop)
+        await asyncio.to_thread(ours.start)
+        client = await stack.enter_async_context(make_client(max(self.workload.levels)))
+        gateway = gateway_request(client, ours.base_url, ours.api_key, self.counter)
+        first = await gateway(PROMPTS[0], 8)  # includes the worker's first forward pass
+        self.startup["stack_ready_s"] = ours.ready_s
+        self.startup["stack_first_token_s"] = (ours.ready_s or 0) + (first.ttft or 0)
+        stage(f"    model ready behind the gateway after {ours.ready_s:.1f} s")
+        nc = await connect(ours.nats_url, ours.token)
+        stack.push_async_callback(nc.drain)
+        direct = nats_request(nc, self.model_id, self.counter)
+
+        async def nats_level(c: int) -> dict[str, Any]:
+            return (await run_level("nats", direct, c, self.workload)).to_json()
+
+        async def gateway_level(c: int) -> dict[str, Any]:
+            if c != self.args.profile:
+                return (await run_level("gateway", gateway, c, self.workload)).to_json()
+            pids = {"gateway": ours.pid("gateway"), "worker": ours.pid("worker")}
+            with Profiler(pids, self.run_dir / "profile") as prof:
+                level = await run_level("gateway", gateway, c, self.workload)
+            self.profile = {"streams": c, **prof.summaries()}
+            return level.to_json()
+
+        self.targets["nats"] = (self.workload.nats_levels, nats_level)
+        self.targets["gateway"] = (self.workload.levels, gateway_level)
+
+    async def _start_peer(self, stack: contextlib.AsyncExitStack) -> None:
+        missing = missing_requirements()
+        if self.args.no_peer or missing:
+            pip = f"`transformers serve` needs {', '.join(missing)} (pip install {' '.join(missing)})"
+            self.skipped["peer"] = "--no-peer" if self.args.no_peer else pip
+            return
+        stage("starting 3/3: peer: transformers serve --continuous-batching on the same model folder")
+        w = self.workload
+        peer = PeerServer(
+            self.run_dir / "peer",
+            self.model_dir,
+            max_streams=max(w.levels),
+            max_tokens_per_stream=128 + w.max_new_tokens,
+        )
+        stack.callback(peer.stop)
+        await asyncio.to_thread(peer.start)
+        client = await stack.enter_async_context(make_client(max(w.levels)))
+        one = peer_request(client, peer, self.counter)
+        first = await one(PROMPTS[0], 8)  # its continuous-batching manager starts on the first request
+        self.startup["peer_ready_s"] = peer.ready_s
+        self.startup["peer_first_token_s"] = (peer.ready_s or 0) + (first.ttft or 0)
+
+        async def peer_level(c: int) -> dict[str, Any]:
+            return (await run_level("peer", one, c, self.workload)).to_json()
+
+        self.targets["peer"] = (w.levels, peer_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workload = build_workload(args)
+    mode = "quick" if args.quick else "full"
+    run_dir = args.out / time.strftime(f"bench-%Y%m%d-%H%M%S-{mode}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from infra.model_files import ensure_model
+    from services.engine.registry import load_registry
+
+    resolved = load_registry().resolve("default")
+    assert resolved is not None  # load_registry checks that the default model exists
+    model_id, spec = resolved
+    model_dir = ensure_model(spec)
+    facts = machine_facts()
+    watch = CpuWatch()
+    watch.start()
+    bench = Bench(args, workload, run_dir, model_id, model_dir)
+    asyncio.run(bench.run())
+    facts["loadavg_at_end"] = os.getloadavg()
+    results: dict[str, Any] = {
+        "mode": mode,
+        "model_id": model_id,
+        "model_dir": str(model_dir),
+        "slots": args.slots,
+        "workload": dataclasses.asdict(workload),
+        "prompts": list(PROMPTS),
+        "facts": facts,
+        "other_load": watch.stop(),
+        "startup": bench.startup,
+        "levels": bench.levels,
+        "skipped": bench.skipped,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if bench.profile:
+        results["profile"] = bench.profile
+    json_path, png_path = run_dir.with_suffix(".json"), run_dir.with_suffix(".png")
+    report.write_json(results, json_path)
+    plotted = report.plot(results, png_path)
+    print(report.table(results))
+    if bench.profile:
+        print(report.profile_text(bench.profile))
+    print(f"\nraw figures: {json_path}")
+    print(f"plot:        {png_path}" if plotted else "plot:        skipped (pip install matplotlib)")
+    print(f"logs:        {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except StackError as exc:
+        print(f"[bench] failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

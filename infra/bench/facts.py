@@ -1,0 +1,114 @@
+"""Machine facts for the report, and how much CPU other processes took while we measured.
+
+The dev machines are shared: other engineers' test runs land on the same two cores. The report cannot
+prevent that, so it measures it: `CpuWatch` compares the machine's busy CPU time with the CPU time of
+this process and its (reaped) children; the difference is what everything else used.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from services.runtime import REPO_ROOT
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": _mem_total_gib(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "nats_py": _version("nats-py"),
+        "quart": _version("quart"),
+        "hypercorn": _version("hypercorn"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def _busy_cpu_s() -> float:
+    """Machine-wide non-idle CPU seconds since boot (all cores)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuWatch:
+    """CPU seconds used by other processes between start() and stop() (Linux; None elsewhere)."""
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    def start(self) -> None:
+        try:
+            self._start = (time.monotonic(), _busy_cpu_s(), _own_cpu_s())
+        except (OSError, ValueError, IndexError):
+            self._start = None
+
+    def stop(self) -> dict[str, float] | None:
+        if self._start is None:
+            return None
+        wall0, busy0, own0 = self._start
+        wall, busy, own = time.monotonic() - wall0, _busy_cpu_s() - busy0, _own_cpu_s() - own0
+        return {
+            "wall_s": round(wall, 1),
+            "machine_busy_cpu_s": round(busy, 1),
+            "bench_cpu_s": round(own, 1),
+            "other_cpu_s": round(max(busy - own, 0.0), 1),
+            "other_cores_avg": round(max(busy - own, 0.0) / wall, 2) if wall > 0 else 0.0,
+        }

@@ -1,0 +1,68 @@
+"""A direct NATS publisher (no HTTP): what a backend service that skips the gateway sees.
+
+Exactly the documented client protocol: subscribe to `stream_subject(trace_id)` first, then publish the
+msgpack GenerateRequest to the JetStream work queue, then read Accepted, TokenChunk..., StreamEnd.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from nats.aio.client import Client as NATS
+
+from infra.bench.workloads import OneRequest, Sample, TokenCounter
+from schemas import codec, subjects
+from schemas.inference import (
+    Accepted,
+    ChatMessage,
+    GenerateRequest,
+    GenerationParams,
+    StreamEnd,
+    StreamError,
+    TokenChunk,
+)
+
+
+async def connect(url: str, token: str) -> NATS:
+    import nats
+
+    return await nats.connect(url, token=token or None, name="cy-bench")
+
+
+def nats_request(nc: NATS, model_id: str, counter: TokenCounter, timeout: float = 600.0) -> OneRequest:
+    js = nc.jetstream()
+
+    async def one(prompt: str, max_new_tokens: int) -> Sample:
+        trace_id = f"bench-{uuid.uuid4().hex}"
+        request = GenerateRequest(
+            trace_id=trace_id,
+            model_id=model_id,
+            messages=[ChatMessage(role="user", content=prompt)],
+            generation=GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),
+        )
+        sent = time.monotonic()
+        sub = await nc.subscribe(subjects.stream_subject(trace_id), pending_msgs_limit=100_000)
+        try:
+            await js.publish(subjects.generate_subject(model_id, "normal"), codec.encode(request), timeout=5)
+            ttft: float | None = None
+            text: list[str] = []
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                match codec.reply_decoder.decode(msg.data):
+                    case Accepted():
+                        continue
+                    case TokenChunk() as chunk:
+                        if chunk.chunk and ttft is None:
+                            ttft = time.monotonic() - sent
+                        text.append(chunk.chunk)
+                    case StreamEnd() as end:
+                        duration = time.monotonic() - sent
+                        tokens = counter.count("".join(text))
+                        return Sample(ttft, duration, tokens, end.finish_reason, server_tokens=end.completion_tokens)
+                    case StreamError() as err:
+                        raise RuntimeError(f"{err.code.value}: {err.message}")
+        finally:
+            await sub.unsubscribe()
+
+    return one

@@ -1,0 +1,226 @@
+"""Turn a run's raw figures into the stdout table (with the ratios), the JSON file and the PNG plot.
+
+Absolute figures drift with the machine and with whatever else runs on it; the ratios against the
+baselines measured in the same run are what the table leads with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("in-process", "nats", "gateway", "peer")
+LABELS = {
+    "in-process": "in-process engine",
+    "nats": "direct NATS",
+    "gateway": "gateway (HTTP/SSE)",
+    "peer": "transformers serve --cb",
+}
+
+Summary = dict[str, Any]
+
+
+def by_target(results: dict[str, Any]) -> dict[str, dict[int, Summary]]:
+    out: dict[str, dict[int, Summary]] = {}
+    for level in results["levels"]:
+        out.setdefault(level["target"], {})[level["concurrency"]] = level["summary"]
+    return out
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per concurrency level: our overheads against the in-process floor, and us against the peer."""
+    t = by_target(results)
+    inproc, gw, nats, peer = (t.get(k, {}) for k in ("in-process", "gateway", "nats", "peer"))
+    rows = []
+    for c in sorted(set(gw) | set(nats) | set(peer)):
+        base = inproc.get(c, {})
+        g, n, p = gw.get(c, {}), nats.get(c, {}), peer.get(c, {})
+        rows.append(
+            {
+                "concurrency": c,
+                "gateway_over_inprocess_agg_tps": _div(g.get("aggregate_tps"), base.get("aggregate_tps")),
+                "gateway_over_inprocess_stream_tps": _div(g.get("stream_tps_p50"), base.get("stream_tps_p50")),
+                "gateway_minus_inprocess_ttft_ms": _sub(g.get("ttft_ms_p50"), base.get("ttft_ms_p50")),
+                "nats_over_inprocess_agg_tps": _div(n.get("aggregate_tps"), base.get("aggregate_tps")),
+                "nats_minus_inprocess_ttft_ms": _sub(n.get("ttft_ms_p50"), base.get("ttft_ms_p50")),
+                "gateway_minus_nats_ttft_ms": _sub(g.get("ttft_ms_p50"), n.get("ttft_ms_p50")),
+                "gateway_over_peer_agg_tps": _div(g.get("aggregate_tps"), p.get("aggregate_tps")),
+                "gateway_over_peer_ttft": _div(g.get("ttft_ms_p50"), p.get("ttft_ms_p50")),
+            }
+        )
+    return rows
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+    return "\n".join(out)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The human-readable report: context line, ratios first, then the absolute figures."""
+    facts, work = results["facts"], results["workload"]
+    dirty = " (dirty)" if facts["git_dirty"] else ""
+    parts = [
+        f"CY-LLM bench ({results['mode']}): {results['model_id']}, {work['max_new_tokens']} new tokens per request, "
+        f"greedy, chat prompts; worker slots {results['slots']}",
+        f"machine: {facts['cpu_model']}, {facts['cores']} cores, torch {facts['torch']}, "
+        f"transformers {facts['transformers']}, commit {facts['git_commit'][:10]}{dirty}",
+    ]
+    other = results.get("other_load")
+    if other:
+        parts.append(
+            f"other processes used {other['other_cpu_s']} CPU-s during the {other['wall_s']} s run "
+            f"(~{other['other_cores_avg']} of {facts['cores']} cores on average): "
+            "absolute figures are noisy, ratios less so"
+        )
+    rrows = [
+        [
+            str(r["concurrency"]),
+            _f(r["gateway_over_inprocess_agg_tps"], ".2f"),
+            _f(r["gateway_over_inprocess_stream_tps"], ".2f"),
+            _f(r["gateway_minus_inprocess_ttft_ms"], "+.0f"),
+            _f(r["nats_over_inprocess_agg_tps"], ".2f"),
+            _f(r["nats_minus_inprocess_ttft_ms"], "+.0f"),
+            _f(r["gateway_minus_nats_ttft_ms"], "+.0f"),
+            _f(r["gateway_over_peer_agg_tps"], ".2f"),
+            _f(r["gateway_over_peer_ttft"], ".2f"),
+        ]
+        for r in ratios(results)
+    ]
+    parts += [
+        "",
+        "Ratios (same run, same machine; '-' = level not measured for one side)",
+        _grid(
+            [
+                "streams",
+                "gw/inproc agg tok/s",
+                "gw/inproc stream tok/s",
+                "gw-inproc TTFT ms",
+                "nats/inproc agg tok/s",
+                "nats-inproc TTFT ms",
+                "gw-nats TTFT ms",
+                "gw/peer agg tok/s",
+                "gw/peer TTFT",
+            ],
+            rrows,
+        ),
+    ]
+    t = by_target(results)
+    arows = []
+    for target in TARGETS:
+        for c, s in sorted(t.get(target, {}).items()):
+            arows.append(
+                [
+                    LABELS[target],
+                    str(c),
+                    f"{s['requests'] - s['errors']}/{s['requests']}",
+                    _f(s["ttft_ms_p50"], ".0f"),
+                    _f(s["ttft_ms_p99"], ".0f"),
+                    _f(s["stream_tps_p50"], ".1f"),
+                    _f(s["aggregate_tps"], ".1f"),
+                    ",".join(f"{k}:{v}" for k, v in sorted(s["finish_reasons"].items())),
+                ]
+            )
+    parts += [
+        "",
+        "Absolute figures",
+        _grid(
+            ["target", "streams", "ok", "TTFT p50 ms", "TTFT p99 ms", "tok/s/stream p50", "agg tok/s", "finish"],
+            arows,
+        ),
+    ]
+    st = results.get("startup", {})
+    start_bits = [
+        f"{label} {st[key]:.1f} s"
+        for key, label in (
+            ("stack_ready_s", "our stack: start -> model ready behind the gateway"),
+            ("stack_first_token_s", "-> first token"),
+            ("inprocess_load_s", "in-process engine load"),
+            ("peer_ready_s", "peer: start -> /health"),
+            ("peer_first_token_s", "-> first token"),
+        )
+        if st.get(key) is not None
+    ]
+    if start_bits:
+        parts += ["", "Start: " + "; ".join(start_bits)]
+    for name, why in results.get("skipped", {}).items():
+        parts.append(f"skipped {name}: {why}")
+    return "\n".join(parts)
+
+
+def profile_text(profile: dict[str, Any]) -> str:
+    """Where the gateway's and the worker's samples went while `streams` streams ran."""
+    parts = [f"\nProfile (py-spy, {profile['streams']} concurrent gateway streams)"]
+    for name, prof in profile.items():
+        if not isinstance(prof, dict):
+            continue
+        threads = ", ".join(f"{t} {p}%" for t, p in list(prof["threads_pct"].items())[:4])
+        parts.append(f"{name}: {prof['samples']} samples; threads: {threads}")
+        parts.append("  self:      " + "; ".join(f"{f} {p}%" for f, p in prof["self_pct"][:6]))
+        parts.append("  inclusive: " + "; ".join(f"{f} {p}%" for f, p in prof["inclusive_pct"][:8]))
+        parts.append(f"  stacks:    {prof['file']}")
+    return "\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps({**results, "ratios": ratios(results)}, indent=1, default=str))
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Aggregate tokens/s and TTFT p50 (p99 dashed) against concurrency, one line per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    t = by_target(results)
+    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for target in TARGETS:
+        levels = t.get(target, {})
+        if not levels:
+            continue
+        xs = sorted(levels)
+        tps = [levels[c]["aggregate_tps"] for c in xs]
+        line = ax_tps.plot(xs, tps, marker="o", label=LABELS[target])[0]
+        ax_ttft.plot(
+            xs, [levels[c]["ttft_ms_p50"] for c in xs], marker="o", color=line.get_color(), label=LABELS[target]
+        )
+        ax_ttft.plot(xs, [levels[c]["ttft_ms_p99"] for c in xs], linestyle="--", color=line.get_color(), alpha=0.5)
+    for ax in (ax_tps, ax_ttft):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_tps.set_ylabel("aggregate tokens/s")
+    ax_tps.set_title("Throughput")
+    ax_ttft.set_ylabel("time to first token, ms (p50 solid, p99 dashed)")
+    ax_ttft.set_yscale("log")
+    ax_ttft.set_title("TTFT")
+    facts = results["facts"]
+    fig.suptitle(
+        f"CY-LLM vs transformers serve: {results['model_id']}, {results['workload']['max_new_tokens']} tokens, "
+        f"{facts['cpu_model']} x{facts['cores']} ({results['mode']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

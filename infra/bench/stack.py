@@ -1,0 +1,129 @@
+"""Our system as production runs it: nats-server, one engine worker and the gateway, each its own process.
+
+`Stack` starts them on free ports with a fresh JetStream store, times how long the stack takes until the
+default model is ready behind the gateway (time to first ready), and stops them in reverse order.
+Their logs go to files in the run's folder, so a failure can be read after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from infra.nats import free_port, start_nats
+
+QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+class StackError(RuntimeError):
+    """A component exited or never became ready; `log` names the file that says why."""
+
+    def __init__(self, message: str, log: Path) -> None:
+        super().__init__(f"{message} (see {log})")
+        self.log = log
+
+
+class Stack:
+    def __init__(self, root: Path, *, model_id: str, slots: int) -> None:
+        self.root = root
+        self.model_id = model_id
+        self.slots = slots
+        self.api_key = secrets.token_urlsafe(16)
+        self.token = secrets.token_urlsafe(16)
+        self.nats_port = free_port()
+        self.http_port = free_port()
+        self.lite_port = free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ready_s: float | None = None
+        self.worker_ready_s: float | None = None
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, **QUIET_ENV)
+        env.update(
+            CY_LLM_NATS_URL=self.nats_url,
+            CY_LLM_INTERNAL_TOKEN=self.token,
+            CY_LLM_API_KEY=self.api_key,
+            CY_LLM_MODEL=self.model_id,
+            **extra,
+        )
+        return env
+
+    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
+        with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
+
+    def start(self, timeout: float = 300) -> None:
+        """Start everything and wait until the model is ready. Raises StackError."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.procs["nats"] = start_nats(
+            self.root / "data", port=self.nats_port, token=self.token, log_file=self.root / "nats.log"
+        )
+        self._spawn("worker", "services.engine", self._env(CY_LLM_SLOTS=str(self.slots), CY_LLM_WORKER_ID="bench-1"))
+        self._spawn(
+            "gateway",
+            "gateway",
+            self._env(CY_LLM_PORT=str(self.http_port), CY_LLM_LITE_PORT=str(self.lite_port), CY_LLM_HOST="127.0.0.1"),
+        )
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise StackError(f"{name} exited with {proc.returncode} during start", self.root / f"{name}.log")
+            if self._model_ready():
+                self.ready_s = time.monotonic() - started
+                return
+            time.sleep(0.1)
+        raise StackError(f"the model was not ready within {timeout:g}s", self.root / "worker.log")
+
+    def _model_ready(self) -> bool:
+        request = urllib.request.Request(
+            f"{self.base_url}/api/v1/models/{self.model_id}", headers={"X-API-Key": self.api_key}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=1) as resp:
+                return bool(json.loads(resp.read()).get("status") == "ready")
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        """Gateway first, nats-server last; SIGTERM lets each drain, SIGKILL after 20 s."""
+        for name in ("gateway", "worker", "nats"):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
