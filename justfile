@@ -34,3 +34,8 @@ bench *args:
 [group("setup")]
 model:
     {{python}} -m infra.model_files
+
+[doc("3-node NATS cluster (JetStream R3) on loopback + two workers + two gateways on different nodes")]
+[group("run")]
+cluster:
+    {{python}} -m infra.cluster

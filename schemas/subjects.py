@@ -103,6 +103,11 @@ def worker_key(worker_id: str) -> str:
     return token(worker_id)
 
 
+def worker_kv_subject(worker_id: str) -> str:
+    """The subject a put of `worker_key(worker_id)` travels on (heartbeats are published here directly)."""
+    return f"$KV.{WORKERS_BUCKET}.{worker_key(worker_id)}"
+
+
 # --- training ---------------------------------------------------------------------------------
 TRAINING_JOBS_BUCKET = f"{_BUCKET_PREFIX}_training_jobs"
 ADAPTERS_BUCKET = f"{_BUCKET_PREFIX}_adapters"
@@ -113,6 +118,8 @@ TRAINING_EVENTS_STREAM = f"{_STREAM_PREFIX}_TRAINING_EVENTS"
 TRAINING_EVENTS_SUBJECTS = f"{PREFIX}.training.events.>"
 TRAINING_CONTROL_ALL = f"{PREFIX}.training.control.*"
 TRAINING_API_ALL = f"{PREFIX}.training.api.*"
+# Queue group of the TrainingService responders (every trainer answers; one answers each request).
+TRAINING_API_GROUP = "training-api"
 
 
 def training_events_subject(job_id: str) -> str:
@@ -122,6 +129,24 @@ def training_events_subject(job_id: str) -> str:
 def training_control_subject(job_id: str) -> str:
     """Cancel/pause signals for a running job (core NATS, every trainer listens)."""
     return f"{PREFIX}.training.control.{token(job_id)}"
+
+
+def job_key(job_id: str) -> str:
+    """Key of a job in `TRAINING_JOBS_BUCKET`."""
+    return token(job_id)
+
+
+def job_of_control(subject: str) -> str:
+    return untoken(subject.rsplit(".", 1)[-1])
+
+
+def verb_of_api(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def adapters_of_model(model_id: str) -> str:
+    """KV key filter: every adapter registered for `model_id`."""
+    return f"{token(model_id)}.*"
 
 
 def training_api_subject(verb: str) -> str:

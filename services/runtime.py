@@ -88,8 +88,12 @@ async def connect_nats(settings: NatsSettings, name: str, **kwargs: Any) -> NATS
     async def on_reconnect() -> None:
         log.info("nats_reconnected")
 
+    # A comma-separated list names several cluster nodes; the first is this service's home node,
+    # the others are failover targets.
+    servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]
     return await nats.connect(
-        settings.nats_url,
+        servers=servers,
+        dont_randomize=True,
         name=name,
         token=settings.internal_token or None,
         max_reconnect_attempts=-1,

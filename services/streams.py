@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -14,13 +16,24 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
+from services.runtime import SettingsError
 
 # Requests older than this are dropped by the server (clients gave up long before).
 REQUEST_MAX_AGE_S = 600.0
 WORKERS_TTL_S = 30.0
 
 
+def replicas() -> int:
+    """JetStream replication factor for everything created here: `CY_LLM_JS_REPLICAS` (default 1; 3 on the
+    3-node cluster). Read here rather than per service because every service must agree on it."""
+    value = os.environ.get("CY_LLM_JS_REPLICAS", "1")
+    if value not in {"1", "2", "3", "4", "5"}:
+        raise SettingsError(f"Config error in CY_LLM_JS_REPLICAS: expected 1-5, got {value!r}")
+    return int(value)
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    config.num_replicas = replicas()
     try:
         await js.add_stream(config)
     except BadRequestError as exc:
@@ -51,8 +64,66 @@ async def ensure_bucket(
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, ttl=ttl, storage=storage))
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, ttl=ttl, storage=storage, replicas=replicas())
+        )
 
 
 async def ensure_workers_bucket(js: JetStreamContext) -> KeyValue:
     return await ensure_bucket(js, subjects.WORKERS_BUCKET, ttl=WORKERS_TTL_S, storage=StorageType.MEMORY)
+
+
+# --- training -------------------------------------------------------------------------------------
+TRAINING_QUEUE_MAX = 10_000
+# Progress events are the loss curves users replay; keep them a month, and at most this many per job.
+TRAINING_EVENTS_MAX_AGE_S = 30 * 24 * 3600.0
+TRAINING_EVENTS_PER_JOB = 100_000
+
+
+async def ensure_training(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
+    """The jobs and adapters buckets, the job queue and the events stream. Returns (jobs, adapters)."""
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.TRAINING_QUEUE_STREAM,
+            subjects=[subjects.TRAINING_QUEUE_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            max_msgs=TRAINING_QUEUE_MAX,
+        ),
+    )
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.TRAINING_EVENTS_STREAM,
+            subjects=[subjects.TRAINING_EVENTS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=TRAINING_EVENTS_MAX_AGE_S,
+            max_msgs_per_subject=TRAINING_EVENTS_PER_JOB,
+        ),
+    )
+    jobs = await ensure_bucket(js, subjects.TRAINING_JOBS_BUCKET)
+    return jobs, await ensure_adapters_bucket(js)
+
+
+async def ensure_adapters_bucket(js: JetStreamContext) -> KeyValue:
+    return await ensure_bucket(js, subjects.ADAPTERS_BUCKET)
+
+
+async def ensure_training_consumer(js: JetStreamContext, ack_wait: float) -> None:
+    """The one pull consumer every trainer shares. A job stays invisible to other trainers while its
+    trainer keeps acking "in progress"; `ack_wait` after the last one it is delivered again."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    await js.add_consumer(
+        subjects.TRAINING_QUEUE_STREAM,
+        ConsumerConfig(
+            durable_name=subjects.TRAINING_QUEUE_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=-1,
+        ),
+    )

@@ -24,6 +24,7 @@ from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
 from schemas.workers import ServedModel, WorkerInfo
 from services import streams
+from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engines import build_engine, select_engine
@@ -94,6 +95,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._started_ms = now_ms()
         self._consumers: list[str] = []
+        self._adapters: AdapterSync | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Worker:
@@ -120,6 +122,9 @@ class Worker:
             if self.engine_name == "transformers":
                 await asyncio.to_thread(_ensure_model_files, self.spec)
             await self.engine.start()
+            # Registry and trained adapters load before "ready"; later ones as they are registered.
+            self._adapters = AdapterSync(js, self.engine, self.model_id, self.spec.adapters, self._announce)
+            await self._adapters.start()
         except CyError as exc:
             self._status, self._error = "failed", exc.body.message
             await self._announce()
@@ -169,6 +174,8 @@ class Worker:
         await self._streams.close(timeout=self.settings.drain_timeout)
         self._tasks.cancel_all()
         await self._tasks.close(timeout=1)
+        if self._adapters is not None:
+            await self._adapters.stop()
         await self.engine.close()
         if self.nc is not None and self.nc.is_connected:
             try:
@@ -209,10 +216,13 @@ class Worker:
         await self._kv.put(subjects.worker_key(self.worker_id), codec.encode(self.info()))
 
     async def _heartbeat_loop(self) -> None:
+        assert self.nc is not None
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
-                await self._announce()
+                # Fire-and-forget on the bucket's subject: the KV stream stores it and watchers see it at once,
+                # and a slow JetStream ack (leader election in a cluster) never delays the next beat.
+                await self.nc.publish(subjects.worker_kv_subject(self.worker_id), codec.encode(self.info()))
             except Exception as exc:  # disconnected: keep beating, the client reconnects
                 log.warning("heartbeat_failed", error=repr(exc))
 
