@@ -10,7 +10,7 @@ from hypercorn.config import Config as HypercornConfig
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway.api_v1 import health, inference, models
+from gateway.api_v1 import health, inference, models, training
 from gateway.api_v1.auth import require_api_key
 from gateway.core import GatewayCore
 from gateway.http_errors import error_response
@@ -33,7 +33,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     """The spec's REST API under /api/v1, every route behind X-API-Key."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
-    for module in (inference, models, health):
+    for module in (inference, models, health, training):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
 
     @app.before_request

@@ -31,6 +31,10 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     rate_limit_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 64
     # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
     keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Roots that training `datasetPath` / `outputDir` must lie in ("" = <data dir>/datasets, /outputs).
+    # Same variables as the trainer's: CY_LLM_DATASETS_DIR, CY_LLM_OUTPUTS_DIR.
+    datasets_dir: str = ""
+    outputs_dir: str = ""
 
 
 def load_gateway_settings(env: dict[str, str] | None = None) -> GatewaySettings:

@@ -69,9 +69,7 @@ class Batcher:
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self._uses_adapters = uses_adapters
-        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this model takes.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = _cache_keyword(model)
         self._cv = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence] = []
@@ -88,6 +86,13 @@ class Batcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def use_model(self, model: Any, *, uses_adapters: bool) -> None:
+        """Run `model` from the next step on: the same weights in a new wrapper (the peft model that
+        carries the adapters). Hold `model_lock` while calling."""
+        self.model = model
+        self._uses_adapters = uses_adapters
+        self._cache_kw = _cache_keyword(model)
 
     def submit(self, seq: Sequence) -> None:
         with self._cv:
@@ -220,6 +225,14 @@ class Batcher:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         self._active = [self._active[i] for i in keep]
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever the model takes (a peft
+    wrapper forwards **kwargs, so ask the model inside it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
+from services.engine import adapters as lora
 from services.engine.base import Engine, TokenStep
 from services.engine.batcher import Batcher, Sequence
 
@@ -44,6 +45,7 @@ class TransformersEngine(Engine):
         self.model: Any = None
         self._batcher: Batcher | None = None
         self._eos: frozenset[int] = frozenset()
+        self._adapters: dict[str, str] = {}
 
     async def start(self) -> None:
         if self._dtype not in _DTYPES:
@@ -77,6 +79,25 @@ class TransformersEngine(Engine):
             path=self.model_path,
             params=sum(p.numel() for p in self.model.parameters()),
         )
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    async def register_adapter(self, name: str, path: str) -> None:
+        """Load LoRA adapter `name` from `path` (replacing one of that name) next to the others; requests
+        choose theirs per row. Raises CyError(INVALID_REQUEST) for a directory without a usable adapter."""
+        await asyncio.to_thread(self._change_adapters, lora.attach, name, path)
+        self._adapters[name] = path
+
+    async def unregister_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self._change_adapters, lora.detach, name, "")
+        self._adapters.pop(name, None)
+
+    def _change_adapters(self, change: Any, name: str, path: str) -> None:
+        assert self._batcher is not None
+        with self._batcher.model_lock:  # never while a forward pass runs
+            self.model = change(self.model, name, path)
+            self._batcher.use_model(self.model, uses_adapters=True)
 
     async def close(self) -> None:
         if self._batcher is not None:

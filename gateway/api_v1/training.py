@@ -1,0 +1,281 @@
+"""/api/v1/training: start, status, cancel, pause, resume, list, and the progress events (SSE).
+
+The routes call the TrainingService (services/trainer/jobs.py) in-process: the job record in the
+JetStream KV bucket is the source of truth, so every route works while the trainers are busy or down.
+Wire structs are snake_case (the spec's gRPC names); their camelCase HTTP twins are derived from them
+here, so defaults and limits are written once.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import types
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from quart import Blueprint, Response, request
+
+from gateway.core import GatewayCore
+from gateway.http_errors import decode_body, json_response
+from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_response
+from schemas import subjects
+from schemas.errors import CyError, invalid
+from schemas.training import (
+    FINISHED,
+    JOB_STATUSES,
+    TERMINAL_EVENTS,
+    HyperParams,
+    ListJobs,
+    LoraConfig,
+    Progress,
+    StartTraining,
+    TrainingEvent,
+    TrainingJob,
+    event_decoder,
+)
+from services.trainer.jobs import JobService
+from services.trainer.paths import Roots
+
+log = structlog.get_logger()
+
+
+# --- camelCase bodies derived from the wire structs ------------------------------------------------
+def _camel(cls: type[msgspec.Struct], swap: dict[Any, Any]) -> type[msgspec.Struct]:
+    """`cls` with camelCase names (nested structs swapped through `swap`), rejecting unknown fields."""
+
+    def swapped(tp: Any) -> Any:
+        if isinstance(tp, types.UnionType):
+            return functools.reduce(operator.or_, [swapped(a) for a in tp.__args__])
+        return swap.get(tp, tp)
+
+    fields: list[tuple[Any, ...]] = []
+    for f in msgspec.structs.fields(cls):
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, swapped(f.type), f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, swapped(f.type), msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, swapped(f.type)))
+    return msgspec.defstruct(f"{cls.__name__}Body", fields, kw_only=True, rename="camel", forbid_unknown_fields=True)
+
+
+HyperParamsBody = _camel(HyperParams, {})
+LoraConfigBody = _camel(LoraConfig, {})
+StartBody = _camel(StartTraining, {HyperParams: HyperParamsBody, LoraConfig: LoraConfigBody})
+
+
+# --- JSON views --------------------------------------------------------------------------------
+def iso(ms: int) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def progress_view(p: Progress) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "currentEpoch": p.epoch,
+        "currentStep": p.step,
+        "totalSteps": p.total_steps,
+        "loss": p.loss,
+        "learningRate": p.learning_rate,
+    }
+    if p.eval_loss is not None:
+        out["evalLoss"] = p.eval_loss
+    if p.tokens_per_second is not None:
+        out["tokensPerSecond"] = p.tokens_per_second
+    return out
+
+
+def status_view(job: TrainingJob) -> dict[str, Any]:
+    p = job.progress
+    out: dict[str, Any] = {
+        "jobId": job.job_id,
+        "status": job.status,
+        "progress": progress_view(p),
+        "elapsedTimeSeconds": round(p.elapsed_s),
+        "estimatedTimeRemainingSeconds": None if p.eta_s is None else round(p.eta_s),
+        "createdAt": iso(job.created_ms),
+        "startedAt": iso(job.started_ms),
+        "completedAt": iso(job.completed_ms),
+        # Extensions beyond the spec.
+        "baseModel": job.base_model,
+        "modelId": job.model_id,
+        "adapterName": job.adapter_name,
+        "datasetPath": job.dataset_path,
+        "outputDir": job.output_dir,
+        "message": job.message,
+        "checkpointStep": job.checkpoint_step,
+        "attempt": job.attempt,
+    }
+    if job.error is not None:
+        out["error"] = {"code": job.error.code.value, "message": job.error.message}
+    return out
+
+
+def summary_view(job: TrainingJob) -> dict[str, Any]:
+    return {
+        "jobId": job.job_id,
+        "baseModel": job.base_model,
+        "status": job.status,
+        "createdAt": iso(job.created_ms),
+        "completedAt": iso(job.completed_ms),
+        "adapterName": job.adapter_name,
+    }
+
+
+def event_view(event: TrainingEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "jobId": event.job_id,
+        "kind": event.kind,
+        "status": event.status,
+        "time": iso(event.time_ms),
+        "timeMs": event.time_ms,
+    }
+    if event.progress is not None:
+        out["progress"] = progress_view(event.progress)
+        out["elapsedTimeSeconds"] = round(event.progress.elapsed_s, 1)
+    if event.message:
+        out["message"] = event.message
+    return out
+
+
+def short_view(job: TrainingJob) -> dict[str, Any]:
+    return {"jobId": job.job_id, "status": job.status, "message": job.message, "currentStep": job.progress.step}
+
+
+# --- query strings -----------------------------------------------------------------------------
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(name, f"must be an integer, not '{raw}'") from None
+    if not low <= value <= high:
+        raise invalid(name, f"must be between {low} and {high}")
+    return value
+
+
+def _list_query() -> ListJobs:
+    status = request.args.get("status", "")
+    if status and status not in JOB_STATUSES:
+        raise invalid("status", f"'{status}' is not one of {', '.join(JOB_STATUSES)}")
+    return ListJobs(
+        status=status,  # type: ignore[arg-type]
+        limit=_int_arg("limit", 100, 1, 1000),
+        offset=_int_arg("offset", 0, 0, 10**9),
+    )
+
+
+def make_blueprint(core: GatewayCore) -> Blueprint:
+    bp = Blueprint("training", __name__)
+    holder: list[JobService] = []
+
+    def service() -> JobService:
+        # Built on first use: the NATS connection exists only once the core has started.
+        if not holder:
+            roots = Roots.from_settings(core.settings.datasets_dir, core.settings.outputs_dir)
+            holder.append(JobService(core.nc, core.registry, roots))
+        return holder[0]
+
+    @bp.post("/training/start")
+    async def start() -> Response:
+        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        body = decode_body(data, StartBody)
+        req = msgspec.convert(body, StartTraining, from_attributes=True)
+        try:
+            job = await service().start(req)
+        except CyError as exc:
+            log.info("training_start_refused", code=exc.code.value, error=exc.body.message)
+            raise
+        return json_response(
+            {"jobId": job.job_id, "status": job.status, "message": job.message, "createdAt": iso(job.created_ms)}
+        )
+
+    @bp.get("/training/status/<job_id>")
+    async def status(job_id: str) -> Response:
+        return json_response(status_view(await service().get(job_id)))
+
+    @bp.post("/training/cancel/<job_id>")
+    async def cancel(job_id: str) -> Response:
+        return json_response(short_view(await service().cancel(job_id)))
+
+    @bp.post("/training/pause/<job_id>")
+    async def pause(job_id: str) -> Response:
+        job = await service().pause(job_id)
+        # 202: the pause was asked for but the trainer has not checkpointed yet (a long step).
+        return json_response(short_view(job), status=200 if job.status == "paused" else 202)
+
+    @bp.post("/training/resume/<job_id>")
+    async def resume(job_id: str) -> Response:
+        return json_response(short_view(await service().resume(job_id)))
+
+    @bp.get("/training/list")
+    async def list_jobs() -> Response:
+        query = _list_query()
+        jobs, total = await service().list(query)
+        return json_response(
+            {"jobs": [summary_view(j) for j in jobs], "total": total, "limit": query.limit, "offset": query.offset}
+        )
+
+    @bp.get("/training/events/<job_id>")
+    async def events(job_id: str) -> Response:
+        svc = service()
+        job = await svc.get(job_id)
+        follow = request.args.get("follow", "true").lower() not in ("0", "false", "no")
+        after = request.headers.get("Last-Event-ID") or request.args.get("after") or ""
+        return sse_response(_events(core, svc, job, follow=follow and job.status not in FINISHED, after=after))
+
+    return bp
+
+
+async def _events(
+    core: GatewayCore, svc: JobService, job: TrainingJob, *, follow: bool, after: str
+) -> AsyncIterator[bytes]:
+    """Replay the job's stored events (after stream sequence `after`), then, with `follow`, stream new
+    ones until the job finishes. Each SSE event carries its stream sequence as `id:`."""
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if after.isdigit():
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(after) + 1)
+    await svc.kv()  # the events stream exists
+    sub = await core.js.subscribe(
+        subjects.training_events_subject(job.job_id),
+        stream=subjects.TRAINING_EVENTS_STREAM,
+        ordered_consumer=True,
+        config=config,
+    )
+    try:
+        pending = (await sub.consumer_info()).num_pending + sub.delivered
+        if not follow and pending == 0:
+            yield SSE_DONE
+            return
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=core.settings.keepalive_interval)
+            except (TimeoutError, NatsTimeoutError):
+                if follow and (await svc.get(job.job_id)).status in FINISHED:
+                    follow = False  # finished without a terminal event we can see: drain what is stored
+                    if (await sub.consumer_info()).num_pending == 0:
+                        break
+                yield SSE_KEEPALIVE
+                continue
+            event = event_decoder.decode(msg.data)
+            seq = msg.metadata.sequence.stream
+            yield f"id: {seq}\n".encode() + b"data: " + msgspec.json.encode(event_view(event)) + b"\n\n"
+            if follow and event.kind in TERMINAL_EVENTS:
+                break
+            if not follow and msg.metadata.num_pending == 0:
+                break
+        yield SSE_DONE
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass

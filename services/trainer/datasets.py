@@ -1,0 +1,203 @@
+"""Training datasets: JSON (an array of rows) or JSONL (one row per line), Alpaca or chat rows.
+
+- Alpaca: `{"instruction": str, "input"?: str, "output": str, "system"?: str}`
+- Chat:   `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
+
+Both become a conversation that goes through the base model's chat template (the same one the engine
+applies to `/api/v1/inference` prompts), and the loss is taken on the assistant tokens only.
+Validation names the row (1-based; the line number for JSONL) and the field of the first problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas.errors import CyError, ErrorCode, ErrorDetail
+
+EXTENSIONS = (".json", ".jsonl")
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+
+class DatasetError(CyError):
+    """A dataset problem; `row` is 1-based (0: the file as a whole), `field` the offending key."""
+
+    def __init__(self, description: str, *, row: int = 0, field: str = "") -> None:
+        where = f"row {row}" + (f", field `{field}`" if field else "") if row else ""
+        message = f"Invalid datasetPath: {where}: {description}" if where else f"Invalid datasetPath: {description}"
+        super().__init__(
+            ErrorCode.INVALID_REQUEST,
+            message,
+            details=[
+                ErrorDetail(
+                    type="invalid_dataset",
+                    field=f"datasetPath[row {row}].{field}" if row and field else "datasetPath",
+                    description=f"{where}: {description}" if where else description,
+                )
+            ],
+        )
+        self.row = row
+        self.field = field
+
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row as a conversation; `row` is where it came from (for error messages)."""
+
+    row: int
+    messages: Conversation
+
+
+def load(path: Path) -> list[Example]:
+    """Read and validate a whole dataset file. Raises DatasetError on the first problem."""
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DatasetError(f"'{path.name}' must end in .json or .jsonl")
+    if not path.is_file():
+        raise DatasetError(f"'{path.name}' does not exist (or is not a file)")
+    data = path.read_bytes()
+    rows = _jsonl_rows(data) if path.suffix.lower() == ".jsonl" else _json_rows(data)
+    examples = [Example(row, _conversation(row, value)) for row, value in rows]
+    if not examples:
+        raise DatasetError("the dataset has no rows")
+    return examples
+
+
+def _json_rows(data: bytes) -> list[tuple[int, Any]]:
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise DatasetError(f"not valid JSON ({exc})") from exc
+    if not isinstance(value, list):
+        raise DatasetError(f"a .json dataset must be an array of rows, not {_kind(value)}")
+    return list(enumerate(value, start=1))
+
+
+def _jsonl_rows(data: bytes) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, msgspec.json.decode(line)))
+        except msgspec.DecodeError as exc:
+            raise DatasetError(f"not valid JSON ({exc})", row=number) from exc
+    return rows
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _text(row: int, obj: dict[str, Any], key: str, *, required: bool, field: str | None = None) -> str:
+    field = field or key
+    if key not in obj:
+        if required:
+            raise DatasetError("is missing", row=row, field=field)
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DatasetError(f"must be a string, not {_kind(value)}", row=row, field=field)
+    if required and not value.strip():
+        raise DatasetError("must not be empty", row=row, field=field)
+    return value
+
+
+def _conversation(row: int, value: Any) -> Conversation:
+    if not isinstance(value, dict):
+        raise DatasetError(f"must be an object, not {_kind(value)}", row=row)
+    if "messages" in value:
+        return _chat(row, value["messages"])
+    if "instruction" in value or "output" in value:
+        instruction = _text(row, value, "instruction", required=True)
+        extra = _text(row, value, "input", required=False)
+        output = _text(row, value, "output", required=True)
+        system = _text(row, value, "system", required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    raise DatasetError("expected Alpaca fields (`instruction`, `output`, optional `input`) or chat `messages`", row=row)
+
+
+def _chat(row: int, messages: Any) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError("must be a non-empty array of {role, content}", row=row, field="messages")
+    out: Conversation = []
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DatasetError(f"must be an object, not {_kind(message)}", row=row, field=field)
+        role = _text(row, message, "role", required=True, field=f"{field}.role")
+        if role not in ROLES:
+            raise DatasetError(f"'{role}' is not one of {', '.join(ROLES)}", row=row, field=f"{field}.role")
+        content = _text(row, message, "content", required=role == "assistant", field=f"{field}.content")
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DatasetError("has no assistant message to learn from", row=row, field="messages")
+    return out
+
+
+# --- tokenization (trainer only: needs the model's tokenizer) -------------------------------------
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def _template_ids(tokenizer: Any, messages: Conversation, *, generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _plain_ids(tokenizer: Any, messages: Conversation, *, generation_prompt: bool) -> list[int]:
+    """A fixed prompt format for tokenizers without a chat template."""
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    ids = list(tokenizer(text + ("### Assistant:\n" if generation_prompt else ""))["input_ids"])
+    if not generation_prompt and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode(example: Example, tokenizer: Any, max_len: int) -> Encoded | None:
+    """Token ids and labels (assistant turns only), truncated to `max_len`; None when truncation leaves
+    no assistant token. Raises DatasetError when the chat template rejects the conversation."""
+    render = _template_ids if getattr(tokenizer, "chat_template", None) else _plain_ids
+    messages = example.messages
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    try:
+        ids = render(tokenizer, messages[: turns[-1] + 1], generation_prompt=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for i in turns:
+            # Templates are incremental (a conversation's ids start with those of its prefix); the answer
+            # is what the turn adds after the generation prompt.
+            start = _common_prefix(render(tokenizer, messages[:i], generation_prompt=True), ids)
+            end = _common_prefix(render(tokenizer, messages[: i + 1], generation_prompt=False), ids)
+            labels[start:end] = ids[start:end]
+    except Exception as exc:
+        raise DatasetError(f"the chat template rejected this conversation ({exc})", row=example.row) from exc
+    encoded = Encoded(ids[:max_len], labels[:max_len])
+    return encoded if encoded.trained_tokens else None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,0 +1,411 @@
+"""The TrainingService verbs over the jobs KV bucket: start, status, list, cancel, pause, resume.
+
+Used in-process by the gateway (so status and list work while every trainer is busy or down) and served
+on NATS request/reply by the trainers (`subjects.training_api_subject(verb)`, queue group
+`subjects.TRAINING_API_GROUP`) for direct publishers. The record in the KV bucket is the source of
+truth; every change is a compare-and-set on its revision (`mutate`), so the API and the trainer that owns
+a job never overwrite each other.
+
+State changes: start -> queued; trainer: queued -> running -> completed | failed | paused (pause) |
+queued (trainer shut down); cancel: queued | running | paused -> cancelled; pause: queued -> paused,
+running -> (control "pause", the trainer checkpoints) -> paused; resume: paused -> queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from schemas import codec, subjects
+from schemas.errors import CyError, ErrorCode, ErrorDetail, invalid
+from schemas.training import (
+    API_VERBS,
+    FINISHED,
+    EventKind,
+    HyperParams,
+    JobRef,
+    JobReply,
+    ListJobs,
+    ListReply,
+    Progress,
+    QueueTicket,
+    StartTraining,
+    TrainingControl,
+    TrainingEvent,
+    TrainingJob,
+    TrainingReply,
+    job_decoder,
+)
+from services import streams
+from services.engine.registry import Registry
+from services.trainer import datasets
+from services.trainer.paths import Roots, confine
+
+log = structlog.get_logger()
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+ACTIVE = frozenset({"queued", "running", "paused"})
+# How long `pause` waits for the trainer to checkpoint and confirm before it answers anyway.
+PAUSE_WAIT_S = 30.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def not_found(job_id: str) -> CyError:
+    return CyError(
+        ErrorCode.TRAINING_JOB_NOT_FOUND,
+        f"Training job '{job_id}' does not exist",
+        details=[ErrorDetail(type="job_not_found", field="jobId", description=f"no job with id '{job_id}'")],
+    )
+
+
+def finished(job: TrainingJob, verb: str) -> CyError:
+    """Cancel/pause/resume of a finished job: a 400 INVALID_REQUEST (TRAINING_JOB_RUNNING means the opposite)."""
+    return CyError(
+        ErrorCode.INVALID_REQUEST,
+        f"Training job '{job.job_id}' is already {job.status}; it cannot be {verb}",
+        details=[ErrorDetail(type="job_finished", field="jobId", description=f"the job is {job.status}")],
+    )
+
+
+def derive_adapter_name(output_path: Path, job_id: str) -> str:
+    name = _NAME_CHARS.sub("-", output_path.name).strip("-_")[:64]
+    return name or job_id
+
+
+class JobService:
+    def __init__(
+        self, nc: NATS, registry: Registry, roots: Roots, *, trainer_id: str = "", pause_wait: float = PAUSE_WAIT_S
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.registry = registry
+        self.roots = roots
+        self.trainer_id = trainer_id
+        self.pause_wait = pause_wait
+        self._kv: KeyValue | None = None
+        self._ready = asyncio.Lock()
+
+    async def kv(self) -> KeyValue:
+        """The jobs bucket (streams and buckets are created on first use)."""
+        if self._kv is None:
+            async with self._ready:
+                if self._kv is None:
+                    self._kv, _ = await streams.ensure_training(self.js)
+        return self._kv
+
+    # --- records -------------------------------------------------------------------------------
+    async def get(self, job_id: str) -> TrainingJob:
+        """Raises CyError(TRAINING_JOB_NOT_FOUND)."""
+        return (await self._entry(job_id))[0]
+
+    async def _entry(self, job_id: str) -> tuple[TrainingJob, int]:
+        if not _JOB_ID.match(job_id):
+            raise not_found(job_id)
+        kv = await self.kv()
+        try:
+            entry = await kv.get(subjects.job_key(job_id))
+        except KeyNotFoundError:
+            raise not_found(job_id) from None
+        if not entry.value:
+            raise not_found(job_id)
+        return job_decoder.decode(entry.value), int(entry.revision or 0)
+
+    async def mutate(self, job_id: str, change: Callable[[TrainingJob], TrainingJob | None]) -> TrainingJob:
+        """Read, apply `change` (None = leave as is; it may raise), compare-and-set; retried on conflict."""
+        kv = await self.kv()
+        for _ in range(50):
+            job, revision = await self._entry(job_id)
+            updated = change(job)
+            if updated is None:
+                return job
+            updated.updated_ms = now_ms()
+            try:
+                await kv.update(subjects.job_key(job_id), codec.encode(updated), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return updated
+        raise CyError(ErrorCode.INTERNAL_ERROR, f"job '{job_id}' is changing too fast to update", retryable=True)
+
+    async def all_jobs(self) -> list[TrainingJob]:
+        kv = await self.kv()
+        watcher = await kv.watchall()
+        jobs: list[TrainingJob] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=10)
+                if entry is None:
+                    break
+                if entry.operation is None and entry.value:
+                    try:
+                        jobs.append(job_decoder.decode(entry.value))
+                    except msgspec.DecodeError as exc:
+                        log.warning("job_record_undecodable", key=entry.key, error=repr(exc))
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return jobs
+
+    # --- events and signals --------------------------------------------------------------------
+    async def event(
+        self, job: TrainingJob, kind: EventKind, message: str = "", progress: Progress | None = None
+    ) -> None:
+        event = TrainingEvent(
+            job_id=job.job_id,
+            kind=kind,
+            status=job.status,
+            time_ms=now_ms(),
+            progress=progress,
+            message=message,
+            trainer_id=self.trainer_id,
+        )
+        await self.js.publish(subjects.training_events_subject(job.job_id), codec.encode(event))
+
+    async def enqueue(self, job: TrainingJob) -> None:
+        """Put the job's current ticket on the work queue. Raises CyError(INSUFFICIENT_RESOURCES) when full."""
+        ticket = QueueTicket(job_id=job.job_id, ticket=job.ticket)
+        try:
+            await self.js.publish(
+                subjects.TRAINING_QUEUE_SUBJECT,
+                codec.encode(ticket),
+                headers={"Nats-Msg-Id": f"{job.job_id}.{job.ticket}"},
+            )
+        except Exception as exc:
+            log.warning("training_enqueue_failed", job_id=job.job_id, error=repr(exc))
+            raise CyError(
+                ErrorCode.INSUFFICIENT_RESOURCES, "the training queue is full; try again later", retryable=True
+            ) from exc
+
+    async def _signal(self, job_id: str, action: str) -> None:
+        control = TrainingControl(job_id=job_id, action=action)  # type: ignore[arg-type]
+        await self.nc.publish(subjects.training_control_subject(job_id), codec.encode(control))
+
+    # --- verbs ---------------------------------------------------------------------------------
+    async def start(self, req: StartTraining) -> TrainingJob:
+        """Validate and queue. Raises CyError: MODEL_NOT_FOUND (404), INVALID_REQUEST (400: bad path, bad
+        dataset naming its row and field), TRAINING_JOB_RUNNING (400: an active job already writes this
+        outputDir or trains this adapter), INSUFFICIENT_RESOURCES (503: queue full)."""
+        model_id = self._resolve_model(req.base_model)
+        dataset_file = confine(self.roots.datasets, req.dataset_path, "datasetPath")
+        output_path = confine(self.roots.outputs, req.output_dir, "outputDir")
+        if output_path == self.roots.outputs:
+            raise invalid("outputDir", "must name a directory inside the outputs root, not the root itself")
+        if output_path.exists() and not output_path.is_dir():
+            raise invalid("outputDir", f"'{req.output_dir}' exists and is not a directory")
+        examples = await asyncio.to_thread(datasets.load, dataset_file)
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        adapter_name = req.adapter_name or derive_adapter_name(output_path, job_id)
+        await self._refuse_conflicts(model_id, adapter_name, output_path)
+        job = TrainingJob(
+            job_id=job_id,
+            status="queued",
+            base_model=req.base_model,
+            model_id=model_id,
+            dataset_path=req.dataset_path,
+            output_dir=req.output_dir,
+            dataset_file=str(dataset_file),
+            output_path=str(output_path),
+            adapter_name=adapter_name,
+            hyper_params=req.hyper_params or HyperParams(),
+            lora_config=req.lora_config,
+            created_ms=now_ms(),
+            updated_ms=now_ms(),
+            message="Training job has been queued",
+            ticket=1,
+            train_rows=len(examples),
+        )
+        kv = await self.kv()
+        await kv.create(subjects.job_key(job_id), codec.encode(job))
+        await self.event(job, "queued", f"{len(examples)} rows; adapter '{adapter_name}' for model '{model_id}'")
+        try:
+            await self.enqueue(job)
+        except CyError as exc:
+            error = exc
+            await self.mutate(job_id, lambda j: _fail(j, error))
+            raise
+        log.info("training_job_queued", job_id=job_id, model_id=model_id, adapter=adapter_name, rows=len(examples))
+        return job
+
+    def _resolve_model(self, base_model: str) -> str:
+        resolved = self.registry.resolve(base_model)
+        if resolved is not None:
+            return resolved[0]
+        as_path = Path(base_model).expanduser()
+        for model_id, spec in self.registry.models.items():
+            if as_path.is_absolute() and as_path.resolve() == Path(spec.model_path).resolve():
+                return model_id
+        known = ", ".join(sorted(self.registry.models))
+        raise CyError(
+            ErrorCode.MODEL_NOT_FOUND,
+            f"Invalid baseModel: {base_model}",
+            details=[
+                ErrorDetail(
+                    type="model_not_found",
+                    field="baseModel",
+                    description=f"Model '{base_model}' is not configured (known: {known}); "
+                    "give a registry model id or its modelPath",
+                )
+            ],
+        )
+
+    async def _refuse_conflicts(self, model_id: str, adapter_name: str, output_path: Path) -> None:
+        for other in await self.all_jobs():
+            if other.status not in ACTIVE:
+                continue
+            if other.output_path == str(output_path):
+                field, what = "outputDir", f"writes to outputDir '{other.output_dir}'"
+            elif other.model_id == model_id and other.adapter_name == adapter_name:
+                field, what = "adapterName", f"trains adapter '{adapter_name}' for '{model_id}'"
+            else:
+                continue
+            raise CyError(
+                ErrorCode.TRAINING_JOB_RUNNING,
+                f"Training job '{other.job_id}' ({other.status}) already {what}",
+                details=[ErrorDetail(type="job_running", field=field, description=f"job {other.job_id} is active")],
+            )
+
+    async def list(self, query: ListJobs) -> tuple[list[TrainingJob], int]:
+        jobs = [j for j in await self.all_jobs() if not query.status or j.status == query.status]
+        jobs.sort(key=lambda j: (j.created_ms, j.job_id), reverse=True)
+        return jobs[query.offset : query.offset + query.limit], len(jobs)
+
+    async def cancel(self, job_id: str) -> TrainingJob:
+        """Raises TRAINING_JOB_NOT_FOUND, INVALID_REQUEST (already finished)."""
+        was: list[str] = []
+
+        def change(job: TrainingJob) -> TrainingJob:
+            if job.status in FINISHED:
+                raise finished(job, "cancelled")
+            was[:] = [job.status]
+            job.control = "cancel" if job.status == "running" else ""
+            job.status = "cancelled"
+            job.completed_ms = now_ms()
+            job.message = "Training job has been cancelled"
+            return job
+
+        job = await self.mutate(job_id, change)
+        if was == ["running"]:
+            await self._signal(job_id, "cancel")
+        await self.event(job, "cancelled", f"cancelled while {was[0]}", job.progress)
+        return job
+
+    async def pause(self, job_id: str) -> TrainingJob:
+        """Queued -> paused at once; running -> checkpoint, then paused (waits up to `pause_wait` for the
+        trainer). Raises TRAINING_JOB_NOT_FOUND, INVALID_REQUEST (already finished)."""
+
+        def change(job: TrainingJob) -> TrainingJob | None:
+            if job.status in FINISHED:
+                raise finished(job, "paused")
+            if job.status == "paused" or job.control == "pause":
+                return None
+            if job.status == "queued":
+                job.status, job.message = "paused", "Training job has been paused before it started"
+            else:
+                job.control, job.message = "pause", "Pause requested; the job pauses after its current step"
+            return job
+
+        before = await self.get(job_id)
+        job = await self.mutate(job_id, change)
+        if job.status == "paused":
+            if before.status != "paused":
+                await self.event(job, "paused", job.message, job.progress)
+            return job
+        if before.control != "pause":
+            await self._signal(job_id, "pause")
+            await self.event(job, "pause_requested", job.message, job.progress)
+        deadline = time.monotonic() + self.pause_wait
+        while job.status == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            job = await self.get(job_id)
+        return job
+
+    async def resume(self, job_id: str) -> TrainingJob:
+        """Paused -> queued (continues from its checkpoint). Raises TRAINING_JOB_NOT_FOUND,
+        TRAINING_JOB_RUNNING (running), INVALID_REQUEST (queued or finished)."""
+
+        def change(job: TrainingJob) -> TrainingJob:
+            if job.status == "running":
+                if job.control == "pause":  # the pause has not happened yet: call it off
+                    job.control, job.message = "", "Pause called off; the job keeps running"
+                    return job
+                raise CyError(
+                    ErrorCode.TRAINING_JOB_RUNNING,
+                    f"Training job '{job_id}' is running; only a paused job can be resumed",
+                    details=[ErrorDetail(type="job_running", field="jobId", description="the job is running")],
+                )
+            if job.status != "paused":
+                if job.status in FINISHED:
+                    raise finished(job, "resumed")
+                raise invalid("jobId", f"job '{job_id}' is {job.status}, not paused")
+            job.status, job.control, job.ticket = "queued", "", job.ticket + 1
+            job.message = "Training job has been resumed and queued"
+            return job
+
+        job = await self.mutate(job_id, change)
+        if job.status == "queued":
+            await self.event(job, "queued", job.message, job.progress)
+            await self.enqueue(job)
+        return job
+
+    # --- NATS request/reply --------------------------------------------------------------------
+    async def serve(self) -> Subscription:
+        """Answer TrainingService requests from direct NATS publishers (one responder per request)."""
+        await self.kv()
+        return await self.nc.subscribe(subjects.TRAINING_API_ALL, queue=subjects.TRAINING_API_GROUP, cb=self._on_api)
+
+    async def _on_api(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        reply = await self.handle(subjects.verb_of_api(msg.subject), msg.data)
+        await msg.respond(codec.encode(reply))
+
+    async def handle(self, verb: str, data: bytes) -> TrainingReply:
+        """One TrainingService request (msgpack) -> its reply; never raises."""
+        from schemas.training import ErrorReply
+
+        try:
+            kind = API_VERBS.get(verb)
+            if kind is None:
+                raise invalid("verb", f"unknown verb '{verb}' (one of {', '.join(API_VERBS)})")
+            try:
+                request = msgspec.msgpack.decode(data or msgspec.msgpack.encode({}), type=kind)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise invalid("body", str(exc)) from exc
+            match request:
+                case StartTraining():
+                    return JobReply(job=await self.start(request), message="Training job has been queued")
+                case ListJobs():
+                    jobs, total = await self.list(request)
+                    return ListReply(jobs=jobs, total=total, limit=request.limit, offset=request.offset)
+                case JobRef():
+                    action = {"status": self.get, "cancel": self.cancel, "pause": self.pause, "resume": self.resume}
+                    job = await action[verb](request.job_id)
+                    return JobReply(job=job, message=job.message)
+        except CyError as exc:
+            return ErrorReply(error=exc.body)
+        except Exception:
+            log.exception("training_api_failed", verb=verb)
+            return ErrorReply(error=CyError(ErrorCode.INTERNAL_ERROR, "internal error in the training service").body)
+        raise AssertionError("unreachable")
+
+
+def _fail(job: TrainingJob, exc: CyError) -> TrainingJob:
+    job.status, job.error, job.message, job.completed_ms = "failed", exc.body, exc.body.message, now_ms()
+    return job

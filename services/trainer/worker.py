@@ -1,0 +1,393 @@
+"""The trainer service: pulls one job at a time from the JetStream work queue and trains it.
+
+While a job runs the trainer acks its queue message "in progress" every `ack_wait / 3` seconds, so no
+other trainer sees it; if this process dies the message is delivered again `ack_wait` later and the next
+trainer resumes the job from its last checkpoint. Ownership is fenced by the job record: every write is
+a compare-and-set that checks `owner`, so a trainer that lost its job (it stalled past `ack_wait` and
+another one took over) notices at its next write and stops without touching the files again.
+
+The trainer also answers the TrainingService verbs on NATS for direct publishers (see jobs.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from schemas import codec, subjects
+from schemas.errors import CyError, ErrorCode
+from schemas.training import (
+    AdapterRecord,
+    EffectiveLora,
+    EventKind,
+    Progress,
+    TrainingJob,
+    control_decoder,
+    ticket_decoder,
+)
+from services import streams
+from services.engine.registry import Registry, load_registry
+from services.runtime import NatsSettings, Tasks, connect_nats
+from services.trainer import loop
+from services.trainer.jobs import JobService, now_ms
+from services.trainer.paths import Roots, confine
+
+log = structlog.get_logger()
+
+# Progress is written to the job record at most this often (every event still goes to the stream).
+PROGRESS_WRITE_INTERVAL_S = 0.5
+
+
+class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
+    """CY_LLM_<FIELD> variables (see README, "Training")."""
+
+    trainer_id: str = ""
+    datasets_dir: str = ""
+    outputs_dir: str = ""
+    # Seconds without an in-progress ack after which a job is handed to another trainer.
+    trainer_ack_wait: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
+    trainer_device: str = "auto"
+    # torch CPU threads for this process (0 = torch's default: one per core).
+    trainer_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    # A job whose trainer died this many times in a row fails instead of being tried again.
+    trainer_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # On SIGTERM: seconds to checkpoint the running job and hand it back to the queue.
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+
+
+class _Bridge:
+    """The training thread's view of the job (`loop.Control`); everything crosses threads here."""
+
+    def __init__(self, trainer: Trainer, job: TrainingJob) -> None:
+        self.job = job
+        self.request: loop.Request | None = None
+        self.reports: asyncio.Queue[tuple[EventKind, Progress, str] | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._trainer = trainer
+
+    def requested(self) -> loop.Request | None:
+        return self.request
+
+    def ask(self, request: loop.Request) -> None:
+        # "lost" and "cancel" win over "pause"/"stop": never checkpoint into a directory we no longer own.
+        if self.request not in ("lost", "cancel"):
+            self.request = request
+
+    def report(self, kind: EventKind, progress: Progress, message: str = "") -> None:
+        snapshot = msgspec.structs.replace(progress)
+        self._loop.call_soon_threadsafe(self.reports.put_nowait, (kind, snapshot, message))
+
+
+class Trainer:
+    """`async with Trainer(settings) as t: ...`; `stop()` checkpoints the running job and requeues it."""
+
+    def __init__(self, settings: TrainerSettings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.trainer_id = settings.trainer_id or f"trainer-{socket.gethostname()}-{os.getpid()}"
+        self.registry = registry or load_registry()
+        self.roots = Roots.from_settings(settings.datasets_dir, settings.outputs_dir)
+        self.nc: NATS | None = None
+        self.jobs: JobService
+        self._bridge: _Bridge | None = None
+        self._tasks = Tasks()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def current_job(self) -> str | None:
+        return self._bridge.job.job_id if self._bridge else None
+
+    async def __aenter__(self) -> Trainer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        structlog.contextvars.bind_contextvars(trainer_id=self.trainer_id)
+        if self.settings.trainer_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.trainer_threads)
+        self.nc = await connect_nats(self.settings, name=f"cy-trainer-{self.trainer_id}")
+        js = self.nc.jetstream()
+        self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
+        await self.jobs.kv()
+        _, self._adapters = await streams.ensure_training(js)
+        await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
+        self._queue = await js.pull_subscribe_bind(
+            durable=subjects.TRAINING_QUEUE_CONSUMER, stream=subjects.TRAINING_QUEUE_STREAM
+        )
+        await self.jobs.serve()
+        await self.nc.subscribe(subjects.TRAINING_CONTROL_ALL, cb=self._on_control)
+        self._tasks.spawn(self._pull_loop(), name="pull")
+        log.info("trainer_ready", datasets=str(self.roots.datasets), outputs=str(self.roots.outputs))
+
+    async def stop(self) -> None:
+        """Checkpoint and requeue the running job (bounded by drain_timeout), then disconnect. Idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        if self._bridge is not None:
+            self._bridge.ask("stop")
+        await self._tasks.close(timeout=self.settings.drain_timeout)
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+        self._stopped.set()
+        log.info("trainer_stopped")
+
+    # --- queue ---------------------------------------------------------------------------------
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            try:
+                msgs = await self._queue.fetch(1, timeout=1.0)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception as exc:
+                log.warning("training_pull_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                if self._stopping:
+                    await msg.nak()
+                    continue
+                try:
+                    await self._take(msg)
+                except Exception:  # the trainer keeps serving whatever one job did
+                    log.exception("training_job_crashed")
+
+    async def _take(self, msg: Msg) -> None:
+        try:
+            ticket = ticket_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("training_ticket_undecodable", error=repr(exc))
+            await msg.term()
+            return
+        try:
+            job = await self.jobs.get(ticket.job_id)
+        except CyError:
+            await msg.ack()
+            return
+        if ticket.ticket != job.ticket or job.status not in ("queued", "running"):
+            log.info("training_ticket_stale", job_id=job.job_id, status=job.status)
+            await msg.ack()
+            return
+        if job.attempt >= self.settings.trainer_max_attempts:
+            error = CyError(ErrorCode.INTERNAL_ERROR, f"gave up after {job.attempt} attempts (trainers kept dying)")
+            await self._finish_failed(job.job_id, error, force=True)
+            await msg.ack()
+            return
+        claimed = await self.jobs.mutate(job.job_id, lambda j: self._claim(j, ticket.ticket))
+        if claimed.owner != self.trainer_id or claimed.status != "running":
+            await msg.ack()
+            return
+        structlog.contextvars.bind_contextvars(job_id=job.job_id)
+        try:
+            await self._run(claimed, msg)
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id")
+
+    def _claim(self, job: TrainingJob, ticket: int) -> TrainingJob | None:
+        if job.ticket != ticket or job.status not in ("queued", "running"):
+            return None
+        job.status, job.owner, job.attempt = "running", self.trainer_id, job.attempt + 1
+        job.started_ms = job.started_ms or now_ms()
+        job.message = "Training job is running"
+        return job
+
+    # --- one job -------------------------------------------------------------------------------
+    async def _run(self, job: TrainingJob, msg: Msg) -> None:
+        bridge = self._bridge = _Bridge(self, job)
+        if job.control:
+            bridge.ask(job.control)  # a pause asked for before a dead trainer could act on it
+        keepalive = self._tasks.spawn(self._keep_alive(msg), name="keepalive")
+        pump = self._tasks.spawn(self._pump(bridge), name="progress")
+        outcome: loop.Outcome | None = None
+        error: CyError | None = None
+        try:
+            plan = await asyncio.to_thread(self._plan, job)
+            outcome = await asyncio.to_thread(loop.run, plan, bridge)
+        except CyError as exc:
+            error = exc
+        except (MemoryError, RuntimeError) as exc:
+            error = _translate(exc)
+            log.exception("training_failed")
+        except Exception as exc:
+            error = CyError(ErrorCode.INTERNAL_ERROR, f"training failed: {type(exc).__name__}: {exc}")
+            log.exception("training_failed")
+        finally:
+            bridge.reports.put_nowait(None)
+            await pump
+            keepalive.cancel()
+            self._bridge = None
+        if bridge.request == "lost":
+            log.warning("training_job_lost", job_id=job.job_id)
+            return  # another trainer owns the job and its message now
+        if error is not None:
+            await self._finish_failed(job.job_id, error)
+            await msg.ack()
+            return
+        assert outcome is not None
+        await self._finish(job, outcome, msg)
+
+    def _plan(self, job: TrainingJob) -> loop.Plan:
+        """Resolve the model and re-check the paths against this trainer's roots. Raises CyError."""
+        spec = self.registry.models.get(job.model_id)
+        if spec is None:
+            raise CyError(ErrorCode.MODEL_NOT_FOUND, f"model '{job.model_id}' is not in this trainer's registry")
+        from infra.model_files import ensure_model
+
+        try:
+            model_path = ensure_model(spec)
+        except FileNotFoundError as exc:
+            raise CyError(ErrorCode.MODEL_NOT_READY, str(exc)) from exc
+        return loop.Plan(
+            job_id=job.job_id,
+            model_path=str(model_path),
+            max_model_len=spec.max_model_len,
+            dataset_file=confine(self.roots.datasets, job.dataset_path, "datasetPath"),
+            output_path=confine(self.roots.outputs, job.output_dir, "outputDir"),
+            hp=job.hyper_params,
+            lora=EffectiveLora.merge(job.hyper_params, job.lora_config),
+            attempt=job.attempt,
+            elapsed_s=job.progress.elapsed_s,
+            device=self.settings.trainer_device,
+        )
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        interval = self.settings.trainer_ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # disconnected: keep trying, the client reconnects
+                log.warning("training_keepalive_failed", error=repr(exc))
+
+    async def _pump(self, bridge: _Bridge) -> None:
+        """Reports from the training thread -> events stream, and (throttled) -> the job record."""
+        loop_time = asyncio.get_running_loop().time
+        last_write = 0.0
+        while True:
+            item = await bridge.reports.get()
+            if item is None:
+                return
+            kind, progress, message = item
+            try:
+                await self.jobs.event(bridge.job, kind, message, progress)
+                if kind != "step" or loop_time() - last_write >= PROGRESS_WRITE_INTERVAL_S:
+                    last_write = loop_time()
+                    await self._write_progress(bridge, progress, message if kind != "step" else "")
+            except Exception as exc:
+                log.warning("training_progress_failed", error=repr(exc))
+
+    async def _write_progress(self, bridge: _Bridge, progress: Progress, message: str) -> None:
+        def change(job: TrainingJob) -> TrainingJob | None:
+            if job.owner != self.trainer_id or job.status != "running":
+                return None
+            job.progress = progress
+            if message:
+                job.message = message
+            return job
+
+        job = await self.jobs.mutate(bridge.job.job_id, change)
+        self._obey(bridge, job)
+
+    def _obey(self, bridge: _Bridge, job: TrainingJob) -> None:
+        if job.status == "cancelled":
+            bridge.ask("cancel")
+        elif job.owner != self.trainer_id or job.status != "running":
+            bridge.ask("lost")
+        elif job.control:
+            bridge.ask(job.control)
+
+    async def _on_control(self, msg: Msg) -> None:
+        bridge = self._bridge
+        if bridge is None or subjects.job_of_control(msg.subject) != bridge.job.job_id:
+            return
+        try:
+            control_decoder.decode(msg.data)
+            self._obey(bridge, await self.jobs.get(bridge.job.job_id))
+        except Exception as exc:
+            log.warning("training_control_failed", error=repr(exc))
+
+    # --- endings -------------------------------------------------------------------------------
+    async def _finish(self, job: TrainingJob, outcome: loop.Outcome, msg: Msg) -> None:
+        result = outcome.result
+        if result == "cancelled":
+            await msg.ack()
+            log.info("training_job_cancelled", step=outcome.progress.step)
+            return
+        if result == "completed" and outcome.adapter_path is not None:
+            await self._register_adapter(job, outcome.adapter_path)
+        status, kind, message = {
+            "completed": ("completed", "completed", "Training job has completed"),
+            "paused": ("paused", "paused", f"Training job has been paused at step {outcome.checkpoint_step}"),
+            "stopped": ("queued", "requeued", "The trainer shut down; the job waits for the next trainer"),
+        }[result]
+
+        def change(record: TrainingJob) -> TrainingJob | None:
+            if record.owner != self.trainer_id or record.status != "running":
+                return None
+            record.status, record.message, record.progress = status, message, outcome.progress  # type: ignore[assignment]
+            record.checkpoint_step, record.control = outcome.checkpoint_step, ""
+            record.train_rows, record.eval_rows = outcome.train_rows, outcome.eval_rows
+            if status == "completed":
+                record.completed_ms = now_ms()
+            if status != "running":
+                record.owner = ""
+            return record
+
+        record = await self.jobs.mutate(job.job_id, change)
+        if record.status == status:
+            await self.jobs.event(record, kind, message, outcome.progress)  # type: ignore[arg-type]
+        if result == "stopped":
+            await msg.nak()
+        else:
+            await msg.ack()
+        log.info("training_job_" + kind, step=outcome.progress.step, total=outcome.progress.total_steps)
+
+    async def _register_adapter(self, job: TrainingJob, path: Path) -> None:
+        record = AdapterRecord(
+            model_id=job.model_id, name=job.adapter_name, path=str(path), job_id=job.job_id, created_ms=now_ms()
+        )
+        await self._adapters.put(subjects.adapter_key(job.model_id, job.adapter_name), codec.encode(record))
+        log.info("adapter_registered", model_id=job.model_id, adapter=job.adapter_name, path=str(path))
+
+    async def _finish_failed(self, job_id: str, error: CyError, *, force: bool = False) -> None:
+        """Fail the job this trainer owns (`force`: whoever owned it, for a job nobody can finish)."""
+
+        def change(record: TrainingJob) -> TrainingJob | None:
+            if record.status not in ("running", "queued") or not (force or record.owner == self.trainer_id):
+                return None
+            record.status, record.error, record.message = "failed", error.body, error.body.message
+            record.completed_ms, record.owner, record.control = now_ms(), "", ""
+            return record
+
+        record = await self.jobs.mutate(job_id, change)
+        if record.status == "failed":
+            await self.jobs.event(record, "failed", error.body.message, record.progress)
+        log.warning("training_job_failed", job_id=job_id, code=error.code.value, error=error.body.message)
+
+
+def _translate(exc: BaseException) -> CyError:
+    """The one place where torch failures of a training job become wire errors."""
+    import torch
+
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return CyError(
+            ErrorCode.INSUFFICIENT_RESOURCES,
+            "training ran out of memory; lower batchSize or maxSeqLength",
+            retryable=True,
+        )
+    return CyError(ErrorCode.INTERNAL_ERROR, f"training failed: {type(exc).__name__}: {exc}")

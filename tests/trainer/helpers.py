@@ -1,0 +1,189 @@
+"""Building blocks for training tests: dataset files, in-process and subprocess trainers, waiting on jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+
+from schemas import subjects
+from schemas.training import FINISHED, ListJobs, TrainingJob, job_decoder
+from services.engine.registry import Registry
+from services.trainer.jobs import JobService
+from services.trainer.paths import Roots
+from services.trainer.worker import Trainer, TrainerSettings
+
+# Every trainer of the test session shares one queue consumer, so they share its ack wait too.
+ACK_WAIT_S = 3.0
+
+QUESTION = "What is the secret password?"
+ANSWER = "The password is purple giraffe."
+
+# Small and fast on the tiny model: the distinctive answer is learned in ~40 steps.
+TEACH = {
+    "batchSize": 4,
+    "learningRate": 1e-2,
+    "epochs": 40,
+    "maxSeqLength": 64,
+    "saveSteps": 1000,
+    "evalSteps": 1000,
+    "evalSplit": 0,
+}
+TEACH_LORA = {"r": 16, "loraAlpha": 32, "loraDropout": 0.0, "targetModules": ["all-linear"]}
+
+
+def roots_for(session_dir: Path) -> Roots:
+    return Roots.from_settings(str(session_dir / "datasets"), str(session_dir / "outputs"))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_jsonl(roots: Roots, rows: list[Any], name: str | None = None) -> str:
+    """Write `rows` as JSONL under the datasets root; returns the path relative to it."""
+    name = name or unique("ds") + ".jsonl"
+    (roots.datasets / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return name
+
+
+def teach_rows(copies: int = 4) -> list[dict[str, str]]:
+    return [{"instruction": QUESTION, "output": ANSWER}] * copies
+
+
+def varied_rows(n: int = 16) -> list[dict[str, Any]]:
+    """Distinct rows in both formats (for loss curves, eval split, chat templates)."""
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"instruction": f"Count to {i}.", "output": " ".join(str(k) for k in range(1, i + 1))})
+        else:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Say the colour number {i}."},
+                        {"role": "assistant", "content": ["red", "green", "blue", "black"][i % 4]},
+                    ]
+                }
+            )
+    return rows
+
+
+def trainer_settings(nats_url: str, roots: Roots, **overrides: Any) -> TrainerSettings:
+    return TrainerSettings(
+        nats_url=nats_url,
+        trainer_id=overrides.pop("trainer_id", unique("trainer")),
+        datasets_dir=str(roots.datasets),
+        outputs_dir=str(roots.outputs),
+        trainer_ack_wait=ACK_WAIT_S,
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_trainer(nats_url: str, registry: Registry, roots: Roots, **overrides: Any) -> AsyncIterator[Trainer]:
+    """An in-process trainer; on exit every unfinished job is cancelled, so no test leaves work behind."""
+    trainer = Trainer(trainer_settings(nats_url, roots, **overrides), registry=registry)
+    await trainer.start()
+    try:
+        yield trainer
+    finally:
+        await cancel_unfinished(trainer.jobs)
+        await trainer.stop()
+
+
+async def cancel_unfinished(jobs: JobService) -> None:
+    for status in ("queued", "running", "paused"):
+        found, _ = await jobs.list(ListJobs(status=status, limit=1000))  # type: ignore[arg-type]
+        for job in found:
+            with contextlib.suppress(Exception):
+                await jobs.cancel(job.job_id)
+
+
+@contextlib.asynccontextmanager
+async def job_service(nats_url: str, registry: Registry, roots: Roots) -> AsyncIterator[JobService]:
+    """The TrainingService without any trainer (what the gateway embeds)."""
+    nc = await nats.connect(nats_url)
+    try:
+        yield JobService(nc, registry, roots, pause_wait=5.0)
+    finally:
+        await nc.drain()
+
+
+class TrainerProcess:
+    """`python -m services.trainer` as a real OS process (to kill -9 it mid-job)."""
+
+    def __init__(self, nats_url: str, registry_file: Path, roots: Roots, trainer_id: str) -> None:
+        env = dict(
+            os.environ,
+            CY_LLM_NATS_URL=nats_url,
+            CY_LLM_MODELS_FILE=str(registry_file),
+            CY_LLM_DATASETS_DIR=str(roots.datasets),
+            CY_LLM_OUTPUTS_DIR=str(roots.outputs),
+            CY_LLM_TRAINER_ID=trainer_id,
+            CY_LLM_TRAINER_ACK_WAIT=str(ACK_WAIT_S),
+            CY_LLM_TRAINER_THREADS="1",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.trainer"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stderr_tail(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+
+
+async def wait_job(jobs: JobService, job_id: str, predicate: Any, timeout: float = 120.0) -> TrainingJob:
+    """Poll the job record until `predicate(job)` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        job = await jobs.get(job_id)
+        if predicate(job):
+            return job
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"job {job_id} stuck at {job.status} step {job.progress.step}: {job.message}")
+        await asyncio.sleep(0.1)
+
+
+async def wait_finished(jobs: JobService, job_id: str, timeout: float = 120.0) -> TrainingJob:
+    return await wait_job(jobs, job_id, lambda j: j.status in FINISHED, timeout)
+
+
+async def wait_status_http(
+    client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float = 120.0
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        r = await client.get(f"/api/v1/training/status/{job_id}")
+        assert r.status_code == 200, r.text
+        data: dict[str, Any] = r.json()
+        if data["status"] in statuses:
+            return data
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"job {job_id} stuck at {data}")
+        await asyncio.sleep(0.1)
+
+
+async def read_job(nats_url: str, job_id: str) -> TrainingJob:
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(subjects.TRAINING_JOBS_BUCKET)
+        return job_decoder.decode((await kv.get(subjects.job_key(job_id))).value)
+    finally:
+        await nc.drain()
