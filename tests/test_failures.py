@@ -150,3 +150,59 @@ async def test_an_error_event_is_sent_when_the_request_is_undecodable(nats_serve
     reply = codec.reply_decoder.decode((await inbox.next_msg(timeout=10)).data)
     await nc.drain()
     assert isinstance(reply, StreamError) and reply.code == "INVALID_REQUEST"
+
+
+@pytest.mark.slow
+async def test_sigterm_on_the_gateway_refuses_new_work_finishes_open_streams_and_exits(
+    nats_server: NatsServer, registry_file: Path, real_worker
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from infra.nats import free_port
+    from tests.helpers import API_KEY
+
+    port = free_port()
+    env = dict(
+        os.environ,
+        CY_LLM_NATS_URL=nats_server.url,
+        CY_LLM_MODELS_FILE=str(registry_file),
+        CY_LLM_API_KEY=API_KEY,
+        CY_LLM_PORT=str(port),
+        CY_LLM_LITE_PORT=str(free_port()),
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a real OS process is the point of this test
+        [sys.executable, "-m", "gateway"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": API_KEY}, timeout=120
+        ) as client:
+            for _ in range(200):
+                try:
+                    models = (await client.get("/api/v1/models")).json()["models"]
+                    if {m["id"]: m["status"] for m in models}.get(SMOL) == "ready":
+                        break
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                await asyncio.sleep(0.1)
+            body = {"modelId": SMOL, "prompt": "Count to ten.", "generation": {"temperature": 0, "maxNewTokens": 30}}
+            lines: list[str] = []
+            async with client.stream("POST", "/api/v1/inference/stream", json=body) as r:
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line.startswith("data: ") and len(lines) == 1:
+                        proc.send_signal(signal.SIGTERM)
+                        await asyncio.sleep(0.3)
+                        refused = await client.post("/api/v1/inference", json=body)
+        events = parse_sse("\n".join(lines))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "INSUFFICIENT_RESOURCES"
+        assert events[-1] == "[DONE]" and "finish_reason" in events[-2]["choices"][0]
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
