@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Protocol
 
 import structlog
@@ -192,16 +192,42 @@ async def _open_stream(core: GatewayCore, plan: Plan, chunks: Chunks, route: str
     except BaseException:
         await choices.close()
         raise
-    return _events(core, plan, choices, chunks, route)
+    return await _Started.start(_events(core, plan, choices, chunks, route))
 
 
-async def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str) -> AsyncIterator[bytes]:
+class _Started:
+    """An SSE generator already run up to its priming yield, so that its `finally` (abort the generations,
+    free the client's slot) runs even when the client leaves before the first byte: an async generator that
+    never started never runs its `finally`, a started one that is dropped is closed by the event loop."""
+
+    def __init__(self, gen: AsyncGenerator[bytes, None]) -> None:
+        self._gen = gen
+
+    @classmethod
+    async def start(cls, gen: AsyncGenerator[bytes, None]) -> _Started:
+        await anext(gen)
+        return cls(gen)
+
+    def __aiter__(self) -> _Started:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._gen)
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+
+async def _events(
+    core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str
+) -> AsyncGenerator[bytes, None]:
     """The SSE body: an opening chunk per choice, content deltas, a finish chunk per choice, the usage chunk
     when asked, `[DONE]`. A keep-alive comment while nothing comes (queue, long prefill); an error after the
     response has started becomes an error event. Leaving early (client gone) aborts the generations."""
     bind_plan(plan, route)
     outcome = "ok"
     try:
+        yield b""  # priming (see _Started); never sent
         for i in range(len(plan.requests)):
             if (opening := chunks.opening(i)) is not None:
                 yield sse_event(opening)

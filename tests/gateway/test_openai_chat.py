@@ -174,3 +174,20 @@ async def test_a_client_that_disconnects_mid_stream_aborts_the_generation(
     assert generation["outcome"] == "cancelled", generation
     request = next(e for e in logs if e["event"] == "request" and e.get("outcome"))
     assert request["outcome"] == "client_disconnected"
+
+
+async def test_a_client_that_gives_up_on_a_non_streamed_request_aborts_it_and_frees_its_slot(
+    gateway: Gateway, aclient: AsyncOpenAI, tiny_worker: Worker
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(
+            aclient.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "go on"}], temperature=0, max_tokens=200
+            )
+        )
+        await wait_until(lambda: bool(tiny_worker._active), timeout=10)
+        task.cancel()
+        await wait_until(lambda: any(e["event"] == "generation" for e in logs), timeout=10)
+        await wait_until(lambda: gateway.core.open_requests == 0, timeout=5)
+    assert next(e for e in logs if e["event"] == "generation")["outcome"] == "cancelled"
+    assert tiny_worker.engine.busy == 0

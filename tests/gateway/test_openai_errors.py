@@ -282,6 +282,7 @@ async def test_a_stream_waiting_in_the_queue_sends_keepalives_then_an_error_even
                         pass
 
             text, _ = await asyncio.gather(raw(), with_sdk())
+            assert gw.core.open_requests == 0  # both streams gave their slots back
         finally:
             await client.close()
             await kv.delete(subjects.worker_key("ghost-lite"))
