@@ -171,6 +171,11 @@ async def test_malformed_json_and_unknown_routes_get_openai_shaped_errors(gatewa
         )
         nowhere = await http.get("/embeddings")
         empty = await http.post("/chat/completions")
+        huge = await http.post(
+            "/completions",
+            content=b'{"prompt": "' + b"x" * 1_100_000 + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert nowhere.status_code == 404
     assert nowhere.json() == {
@@ -182,6 +187,7 @@ async def test_malformed_json_and_unknown_routes_get_openai_shaped_errors(gatewa
         }
     }
     assert empty.status_code == 400 and set(empty.json()["error"]) == {"message", "type", "param", "code"}
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
 
 
 async def test_curl_style_requests_get_the_spec_defaults(gateway: Gateway) -> None:
