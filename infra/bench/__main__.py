@@ -27,7 +27,7 @@ from typing import Any
 
 from infra.bench import report
 from infra.bench._sse import make_client
-from infra.bench.facts import CpuWatch, machine_facts
+from infra.bench.facts import CpuWatch, ProcessCpu, machine_facts
 from infra.bench.gateway_load import gateway_request
 from infra.bench.inprocess import InProcessTarget
 from infra.bench.nats_load import connect, nats_request
@@ -72,6 +72,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
         workload = dataclasses.replace(workload, levels=levels, inprocess_levels=levels)
     if args.max_new_tokens:
         workload = dataclasses.replace(workload, max_new_tokens=args.max_new_tokens)
+        nats_levels = tuple(c for c in workload.nats_levels if c in levels) or levels[:1]
+        workload = dataclasses.replace(workload, nats_levels=nats_levels)
     if args.profile and args.profile not in workload.levels:
         workload = dataclasses.replace(workload, levels=tuple(sorted({*workload.levels, args.profile})))
     return workload
@@ -85,6 +87,7 @@ class Bench:
         self.model_id, self.model_dir = model_id, model_dir
         self.counter = TokenCounter(model_dir)
         self.targets: dict[str, tuple[tuple[int, ...], LevelRunner]] = {}
+        self.pids: dict[str, dict[str, int]] = {}
         self.startup: dict[str, float | None] = {}
         self.skipped: dict[str, str] = {}
         self.levels: list[dict[str, Any]] = []
@@ -98,10 +101,18 @@ class Bench:
             w = self.workload
             stage(f"measuring: {w.max_new_tokens} new tokens per request, levels {sorted(self._all_levels())}")
             for c in sorted(self._all_levels()):
-                for levels, runner in self.targets.values():
+                for name, (levels, runner) in self.targets.items():
                     if c in levels:
-                        self.levels.append(await runner(c))
+                        self.levels.append(await self._level(name, runner, c))
             stage("stopping")
+
+    async def _level(self, name: str, runner: LevelRunner, concurrency: int) -> dict[str, Any]:
+        """One level of one target, with the CPU time each of the target's processes spent on it."""
+        cpu = ProcessCpu(self.pids.get(name, {}))
+        cpu.start()
+        level = await runner(concurrency)
+        level["cpu_s"] = cpu.stop()
+        return level
 
     def _all_levels(self) -> set[int]:
         return {c for levels, _ in self.targets.values() for c in levels}
@@ -112,6 +123,8 @@ class Bench:
         await stack.enter_async_context(target)
         self.startup["inprocess_load_s"] = target.load_s
         self.targets["in-process"] = (self.workload.inprocess_levels, target.level)
+        assert target.proc is not None
+        self.pids["in-process"] = {"engine": target.proc.pid}
 
     async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
         stage("starting 2/3: our stack: nats-server + worker + gateway (separate processes)")
@@ -142,6 +155,8 @@ class Bench:
 
         self.targets["nats"] = (self.workload.nats_levels, nats_level)
         self.targets["gateway"] = (self.workload.levels, gateway_level)
+        pids = {"engine": ours.pid("worker"), "gateway": ours.pid("gateway"), "nats-server": ours.pid("nats")}
+        self.pids["nats"] = self.pids["gateway"] = pids
 
     async def _start_peer(self, stack: contextlib.AsyncExitStack) -> None:
         missing = missing_requirements()
@@ -169,6 +184,8 @@ class Bench:
             return (await run_level("peer", one, c, self.workload)).to_json()
 
         self.targets["peer"] = (w.levels, peer_level)
+        assert peer.proc is not None
+        self.pids["peer"] = {"engine": peer.proc.pid}
 
 
 def main(argv: list[str] | None = None) -> int:

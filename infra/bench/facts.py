@@ -112,3 +112,38 @@ class CpuWatch:
             "other_cpu_s": round(max(busy - own, 0.0), 1),
             "other_cores_avg": round(max(busy - own, 0.0) / wall, 2) if wall > 0 else 0.0,
         }
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one live process (Linux /proc; None when it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class ProcessCpu:
+    """CPU seconds each named process used between `start()` and `stop()`; "client" is this process."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, float | None] = {}
+
+    def start(self) -> None:
+        self._start = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        self._start["client"] = self_cpu_s()
+
+    def stop(self) -> dict[str, float]:
+        now: dict[str, float | None] = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        now["client"] = self_cpu_s()
+        return {
+            name: round(end - begin, 2)
+            for name, end in now.items()
+            if end is not None and (begin := self._start.get(name)) is not None
+        }

@@ -103,24 +103,27 @@ def table(results: dict[str, Any]) -> str:
             _f(r["gateway_over_peer_ttft"], ".2f"),
         ]
         for r in ratios(results)
+        if any(v is not None for k, v in r.items() if k != "concurrency")
     ]
     parts += [
         "",
-        "Ratios (same run, same machine; '-' = level not measured for one side)",
+        "Ratios (same run, same machine; '-' = a side not measured at that level)",
         _grid(
             [
                 "streams",
-                "gw/inproc agg tok/s",
-                "gw/inproc stream tok/s",
-                "gw-inproc TTFT ms",
-                "nats/inproc agg tok/s",
-                "nats-inproc TTFT ms",
-                "gw-nats TTFT ms",
-                "gw/peer agg tok/s",
+                "gw/inproc agg",
+                "gw/inproc stream",
+                "gw-inproc TTFT",
+                "nats/inproc agg",
+                "nats-inproc TTFT",
+                "gw-nats TTFT",
+                "gw/peer agg",
                 "gw/peer TTFT",
             ],
             rrows,
         ),
+        "  agg = aggregate tokens/s, stream = per-stream decode tokens/s (p50), TTFT differences in ms (p50),",
+        "  gw = through the gateway (HTTP/SSE), nats = direct NATS publisher, peer = transformers serve --cb",
     ]
     t = by_target(results)
     arows = []
@@ -146,20 +149,36 @@ def table(results: dict[str, Any]) -> str:
             arows,
         ),
     ]
+    crows = []
+    for level in results["levels"]:
+        cpu, tokens = level.get("cpu_s") or {}, level["summary"]["completion_tokens"]
+        if not cpu or not tokens:
+            continue
+        per = {k: v * 1000 / tokens for k, v in cpu.items()}
+        crows.append(
+            [LABELS[level["target"]], str(level["concurrency"])]
+            + [_f(per.get(k), ".1f") for k in ("engine", "gateway", "nats-server", "client")]
+        )
+    if crows:
+        parts += [
+            "",
+            "CPU time per generated token, ms (engine = worker, in-process engine or peer server; client = this bench)",
+            _grid(["target", "streams", "engine", "gateway", "nats-server", "client"], crows),
+        ]
     st = results.get("startup", {})
     start_bits = [
-        f"{label} {st[key]:.1f} s"
+        f"{label} {st[key]:.1f}"
         for key, label in (
-            ("stack_ready_s", "our stack: start -> model ready behind the gateway"),
+            ("stack_ready_s", "our stack: launch -> model ready behind the gateway"),
             ("stack_first_token_s", "-> first token"),
-            ("inprocess_load_s", "in-process engine load"),
-            ("peer_ready_s", "peer: start -> /health"),
+            ("peer_ready_s", "peer: launch -> /health"),
             ("peer_first_token_s", "-> first token"),
+            ("inprocess_load_s", "in-process engine load"),
         )
         if st.get(key) is not None
     ]
     if start_bits:
-        parts += ["", "Start: " + "; ".join(start_bits)]
+        parts += ["", "Start (s): " + "; ".join(start_bits)]
     for name, why in results.get("skipped", {}).items():
         parts.append(f"skipped {name}: {why}")
     return "\n".join(parts)
@@ -205,8 +224,11 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             xs, [levels[c]["ttft_ms_p50"] for c in xs], marker="o", color=line.get_color(), label=LABELS[target]
         )
         ax_ttft.plot(xs, [levels[c]["ttft_ms_p99"] for c in xs], linestyle="--", color=line.get_color(), alpha=0.5)
+    ticks = sorted({c for levels in t.values() for c in levels})
     for ax in (ax_tps, ax_ttft):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(c) for c in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("concurrent streams")
         ax.grid(True, alpha=0.3)
         ax.legend()
