@@ -36,6 +36,20 @@ def apply_penalties(
     return logits
 
 
+# Nucleus/top-k sampling looks at the best CANDIDATES tokens first (topk is ~40x cheaper than sorting a
+# 49k vocabulary on CPU); it falls back to the full sort only when they hold less than top_p of the mass.
+CANDIDATES = 1024
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """Draw an index with probability proportional to `probs` (exponential race: argmax p/E, E ~ Exp(1)).
+
+    Same distribution as torch.multinomial, several times faster on a CPU for one row.
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return int(torch.argmax(probs / race))
+
+
 def pick_token(
     logits: torch.Tensor,
     params: GenerationParams,
@@ -43,21 +57,29 @@ def pick_token(
     context: torch.Tensor,
     generated: torch.Tensor,
 ) -> int:
-    """Choose the next token from one row of logits (shape [vocab]). temperature 0 = greedy."""
+    """Choose the next token from one row of logits (shape [vocab]). temperature 0 = greedy.
+
+    Order as in transformers: penalties, temperature, top-k, then top-p over the renormalised rest.
+    """
     logits = apply_penalties(logits.float(), params, context, generated)
     if params.temperature == 0 or generator is None:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[0]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    vocab = logits.shape[0]
+    top_k = params.top_k if 0 < params.top_k < vocab else 0
+    if not top_k and params.top_p >= 1.0:
+        return _sample(torch.softmax(logits, dim=-1), generator)
+    values, order = torch.topk(logits, top_k or min(vocab, CANDIDATES))
+    if top_k:
+        probs = torch.softmax(values, dim=-1)
+    else:
+        probs = torch.exp(values - torch.logsumexp(logits, dim=0))
+        if float(probs.sum()) < params.top_p:  # a very flat distribution: the nucleus is wider
+            values, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(values, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        probs = probs / probs.sum()
+        cumulative = torch.cumsum(probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-        drop = cumulative - sorted_probs > params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs.masked_fill(cumulative - probs > params.top_p, 0.0)
+    return int(order[_sample(probs, generator)])
