@@ -143,6 +143,12 @@ class Trainer:
             self._bridge.ask("stop")
         await self._tasks.close(timeout=self.settings.drain_timeout)
         if self.nc is not None and not self.nc.is_closed:
+            # A pull answered after its fetch gave up (a 408, or a job: delivered again later) would hold
+            # drain() for its whole timeout: drop the pull subscription first.
+            try:
+                await self._queue.unsubscribe()
+            except Exception:
+                pass
             await self.nc.drain()
         self._stopped.set()
         log.info("trainer_stopped")

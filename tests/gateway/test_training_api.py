@@ -1,0 +1,365 @@
+"""/api/v1/training through a real HTTP server, nats-server, trainer and (tiny) engine worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.engine.registry import Registry
+from services.engine.worker import Worker
+from services.trainer.paths import Roots
+from services.trainer.worker import Trainer
+from tests.helpers import Gateway, NatsServer, parse_sse, running_gateway, wait_until
+from tests.trainer.helpers import (
+    ANSWER,
+    QUESTION,
+    TEACH,
+    TEACH_LORA,
+    roots_for,
+    running_trainer,
+    teach_rows,
+    unique,
+    varied_rows,
+    wait_status_http,
+    write_jsonl,
+)
+
+FAST = {"batchSize": 4, "learningRate": 1e-2, "epochs": 2, "maxSeqLength": 64}
+FAST_LORA = {"r": 8, "loraAlpha": 16, "loraDropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def roots(session_dir: Path) -> Roots:
+    return roots_for(session_dir)
+
+
+@pytest.fixture(scope="module")
+async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_worker: Worker) -> AsyncIterator[Gateway]:
+    async with running_gateway(
+        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
+    ) as gateway:
+        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
+        yield gateway
+
+
+@pytest.fixture
+async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with gw.client() as c:
+        yield c
+
+
+@pytest.fixture
+async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
+    async with running_trainer(nats_server.url, registry, roots) as t:
+        yield t
+
+
+def start_body(roots: Roots, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "baseModel": "tiny",
+        "outputDir": unique("out"),
+        "datasetPath": write_jsonl(roots, varied_rows(8)),
+        "hyperParams": FAST,
+        "loraConfig": FAST_LORA,
+    }
+    body.update(changes)
+    return body
+
+
+def error_of(r: httpx.Response) -> dict[str, Any]:
+    error: dict[str, Any] = r.json()["error"]
+    return error
+
+
+async def answer(client: httpx.AsyncClient, adapter: str = "") -> str:
+    body: dict[str, Any] = {"modelId": "tiny", "prompt": QUESTION, "generation": {"temperature": 0, "maxNewTokens": 12}}
+    if adapter:
+        body["adapter"] = adapter
+    r = await client.post("/api/v1/inference", json=body)
+    assert r.status_code == 200, r.text
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
+# --- the whole loop ------------------------------------------------------------------------------
+async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and_not_without(
+    gw: Gateway, client: httpx.AsyncClient, trainer: Trainer, roots: Roots
+) -> None:
+    before = await answer(client)
+    assert ANSWER not in before
+    name = unique("password-bot")
+    r = await client.post(
+        "/api/v1/training/start",
+        json={
+            "baseModel": "tiny",
+            "outputDir": unique("out"),
+            "datasetPath": write_jsonl(roots, teach_rows()),
+            "hyperParams": TEACH,
+            "loraConfig": TEACH_LORA,
+            "adapterName": name,
+        },
+    )
+    assert r.status_code == 200, r.text
+    started = r.json()
+    assert started["status"] == "queued" and started["message"] == "Training job has been queued"
+    assert started["jobId"].startswith("job-") and started["createdAt"].endswith("Z")
+
+    done = await wait_status_http(client, started["jobId"], {"completed", "failed", "cancelled"})
+    assert done["status"] == "completed", done
+    progress = done["progress"]
+    assert progress["currentStep"] == progress["totalSteps"] == 40 and progress["currentEpoch"] == 40
+    assert progress["loss"] > 0 and progress["learningRate"] > 0 and progress["tokensPerSecond"] > 0
+    assert done["estimatedTimeRemainingSeconds"] == 0 and done["startedAt"] and done["completedAt"]
+    assert done["adapterName"] == name
+
+    # The worker loads the registered adapter by itself and announces it: no restart anywhere.
+    async def listed() -> bool:
+        models = (await client.get("/api/v1/models")).json()["models"]
+        return name in next(m for m in models if m["id"] == "tiny").get("loraAdapters", [])
+
+    for _ in range(100):
+        if await listed():
+            break
+        await asyncio.sleep(0.1)
+    assert await listed()
+    detail = (await client.get("/api/v1/models/tiny")).json()
+    assert name in detail["loraAdapters"]
+
+    after = await answer(client, adapter=name)
+    assert after.startswith(ANSWER), after
+    assert ANSWER not in await answer(client)  # the base model is untouched
+    print(f"\nbefore: {before!r}\nafter:  {after!r}")
+
+    if gw.lite_url:  # the OpenAI-compatible API takes the adapter as `model`
+        async with httpx.AsyncClient(base_url=gw.lite_url, timeout=60) as lite:
+            r = await lite.post(
+                "/chat/completions",
+                json={"model": name, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0},
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].startswith(ANSWER)
+
+
+async def test_events_replay_and_follow_the_loss_curve_as_server_sent_events(
+    client: httpx.AsyncClient, trainer: Trainer, roots: Roots
+) -> None:
+    r = await client.post("/api/v1/training/start", json=start_body(roots, hyperParams={**FAST, "epochs": 3}))
+    job_id = r.json()["jobId"]
+    async with client.stream("GET", f"/api/v1/training/events/{job_id}") as live:
+        assert live.headers["content-type"].startswith("text/event-stream")
+        body = "".join([chunk async for chunk in live.aiter_text()])
+    events = parse_sse(body)
+    assert events[-1] == "[DONE]"
+    kinds = [e["kind"] for e in events[:-1]]
+    assert kinds[0] == "queued" and kinds[-1] == "completed"
+    steps = [e["progress"] for e in events[:-1] if e["kind"] == "step"]
+    assert [s["currentStep"] for s in steps] == list(range(1, 7))
+    assert all(s["totalSteps"] == 6 and s["loss"] > 0 for s in steps)
+    assert "id: " in body  # every event names its stream sequence (Last-Event-ID)
+
+    replay = parse_sse((await client.get(f"/api/v1/training/events/{job_id}")).text)
+    assert replay == events  # a finished job replays the same curve and ends
+    first_id = int(body.split("id: ", 1)[1].split("\n", 1)[0])
+    rest = parse_sse((await client.get(f"/api/v1/training/events/{job_id}?after={first_id}")).text)
+    assert rest == events[1:]
+
+
+async def test_pause_and_resume_over_http_continue_from_the_checkpoint(
+    client: httpx.AsyncClient, trainer: Trainer, roots: Roots
+) -> None:
+    r = await client.post("/api/v1/training/start", json=start_body(roots, hyperParams={**FAST, "epochs": 20}))
+    job_id = r.json()["jobId"]
+    await wait_until_step(client, job_id, 2)
+    paused = await client.post(f"/api/v1/training/pause/{job_id}")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused", paused.text
+    at = paused.json()["currentStep"]
+    running = await client.post(f"/api/v1/training/resume/{job_id}")
+    assert running.status_code == 200 and running.json()["status"] == "queued"
+    done = await wait_status_http(client, job_id, {"completed"})
+    assert done["progress"]["currentStep"] == 40 and done["checkpointStep"] >= at
+    again = await client.post(f"/api/v1/training/cancel/{job_id}")
+    assert again.status_code == 400 and error_of(again)["code"] == "INVALID_REQUEST"
+    assert "already completed" in error_of(again)["message"]
+
+
+async def wait_until_step(client: httpx.AsyncClient, job_id: str, step: int) -> None:
+    for _ in range(600):
+        data = (await client.get(f"/api/v1/training/status/{job_id}")).json()
+        if data["progress"]["currentStep"] >= step:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(data)
+
+
+async def test_a_running_job_refuses_resume_with_training_job_running_and_cancel_stops_it(
+    client: httpx.AsyncClient, trainer: Trainer, roots: Roots
+) -> None:
+    body = start_body(roots, hyperParams={**FAST, "epochs": 500})
+    job_id = (await client.post("/api/v1/training/start", json=body)).json()["jobId"]
+    await wait_until_step(client, job_id, 1)
+    r = await client.post(f"/api/v1/training/resume/{job_id}")
+    assert r.status_code == 400 and error_of(r)["code"] == "TRAINING_JOB_RUNNING"
+    clash = await client.post("/api/v1/training/start", json=start_body(roots, outputDir=body["outputDir"]))
+    assert clash.status_code == 400 and error_of(clash)["code"] == "TRAINING_JOB_RUNNING"
+    assert error_of(clash)["details"][0]["field"] == "outputDir"
+    r = await client.post(f"/api/v1/training/cancel/{job_id}")
+    assert r.status_code == 200 and r.json() == {
+        "jobId": job_id,
+        "status": "cancelled",
+        "message": "Training job has been cancelled",
+        "currentStep": r.json()["currentStep"],
+    }
+    status = (await client.get(f"/api/v1/training/status/{job_id}")).json()
+    assert status["status"] == "cancelled" and status["completedAt"]
+
+
+# --- refusals at start -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("rows_text", "expected"),
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "outptu": "b"}\n', "row 2, field `output`"),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}\n', "messages[1].role"),
+        ("", "the dataset has no rows"),
+        ('{"instruction": "a", "output": "b"}\nnot json\n', "row 2: not valid JSON"),
+    ],
+)
+async def test_a_bad_dataset_is_a_400_naming_the_row_and_the_field(
+    client: httpx.AsyncClient, roots: Roots, rows_text: str, expected: str
+) -> None:
+    name = unique("bad") + ".jsonl"
+    (roots.datasets / name).write_text(rows_text)
+    r = await client.post("/api/v1/training/start", json=start_body(roots, datasetPath=name))
+    assert r.status_code == 400
+    error = error_of(r)
+    assert error["code"] == "INVALID_REQUEST" and expected in error["message"], error
+    assert error["details"][0]["type"] == "invalid_dataset"
+
+
+async def test_a_missing_dataset_is_a_400(client: httpx.AsyncClient, roots: Roots) -> None:
+    r = await client.post("/api/v1/training/start", json=start_body(roots, datasetPath="nope.jsonl"))
+    assert r.status_code == 400 and "does not exist" in error_of(r)["message"]
+
+
+async def test_paths_that_escape_their_roots_are_refused_with_400(
+    client: httpx.AsyncClient, roots: Roots, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"instruction": "a", "output": "b"}\n')
+    link = unique("link") + ".jsonl"
+    os.symlink(secret, roots.datasets / link)
+    out_link = unique("outlink")
+    os.symlink(tmp_path, roots.outputs / out_link)
+    cases = [
+        ({"datasetPath": "../../../../etc/passwd"}, "datasetPath"),
+        ({"datasetPath": str(secret)}, "datasetPath"),
+        ({"datasetPath": link}, "datasetPath"),
+        ({"outputDir": "../escape"}, "outputDir"),
+        ({"outputDir": "/tmp/cy-llm-escape"}, "outputDir"),
+        ({"outputDir": f"{out_link}/inside-the-link"}, "outputDir"),
+        ({"outputDir": "."}, "outputDir"),
+    ]
+    for change, field in cases:
+        r = await client.post("/api/v1/training/start", json=start_body(roots, **change))
+        assert r.status_code == 400, (change, r.text)
+        error = error_of(r)
+        assert error["code"] == "INVALID_REQUEST" and error["details"][0]["field"] == field, (change, error)
+    assert not (tmp_path / "inside-the-link").exists()
+
+
+async def test_an_unknown_base_model_is_a_404_naming_the_field(client: httpx.AsyncClient, roots: Roots) -> None:
+    r = await client.post("/api/v1/training/start", json=start_body(roots, baseModel="Qwen/Qwen2.5-7B-Instruct"))
+    assert r.status_code == 404
+    error = error_of(r)
+    assert error["code"] == "MODEL_NOT_FOUND" and error["details"][0]["field"] == "baseModel"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"hyperParams": {"batchSize": 0}}, "hyperParams.batchSize"),
+        ({"hyperParams": {"learningrate": 1e-3}}, "hyperParams"),
+        ({"loraConfig": {"bias": "some"}}, "loraConfig.bias"),
+        ({"adapterName": "has.dots"}, "adapterName"),
+        ({"baseModel": ""}, "baseModel"),
+    ],
+)
+async def test_bad_parameters_are_a_400_naming_the_field(
+    client: httpx.AsyncClient, roots: Roots, change: dict[str, Any], field: str
+) -> None:
+    body = start_body(roots)
+    body.pop("hyperParams")
+    r = await client.post("/api/v1/training/start", json={**body, **change})
+    assert r.status_code == 400, r.text
+    assert error_of(r)["details"][0]["field"] == field
+
+
+async def test_unknown_jobs_are_404_training_job_not_found_on_every_route(client: httpx.AsyncClient) -> None:
+    for method, path in [
+        ("GET", "/api/v1/training/status/job-missing"),
+        ("POST", "/api/v1/training/cancel/job-missing"),
+        ("POST", "/api/v1/training/pause/job-missing"),
+        ("POST", "/api/v1/training/resume/job-missing"),
+        ("GET", "/api/v1/training/events/job-missing"),
+        ("GET", "/api/v1/training/status/not..a..key"),
+    ]:
+        r = await client.request(method, path)
+        assert r.status_code == 404 and error_of(r)["code"] == "TRAINING_JOB_NOT_FOUND", (path, r.text)
+
+
+# --- list --------------------------------------------------------------------------------------
+async def test_list_filters_by_status_and_paginates_newest_first_with_total(
+    client: httpx.AsyncClient, roots: Roots
+) -> None:
+    # No trainer runs here: jobs stay queued, and list and status still answer (the KV is the truth).
+    ids = [(await client.post("/api/v1/training/start", json=start_body(roots))).json()["jobId"] for _ in range(5)]
+    for job_id in ids[:2]:
+        assert (await client.post(f"/api/v1/training/cancel/{job_id}")).json()["status"] == "cancelled"
+    try:
+        everything = (await client.get("/api/v1/training/list?limit=1000")).json()
+        assert everything["limit"] == 1000 and everything["offset"] == 0
+        assert everything["total"] == len(everything["jobs"])
+        listed = [j["jobId"] for j in everything["jobs"]]
+        assert [i for i in listed if i in ids] == ids[::-1]
+        first = everything["jobs"][listed.index(ids[0])]
+        assert first["status"] == "cancelled" and first["baseModel"] == "tiny" and first["completedAt"]
+        assert set(first) >= {"jobId", "baseModel", "status", "createdAt", "completedAt"}
+
+        paged: list[str] = []
+        for offset in range(0, everything["total"], 2):
+            page = (await client.get(f"/api/v1/training/list?limit=2&offset={offset}")).json()
+            assert page["total"] == everything["total"] and page["limit"] == 2 and page["offset"] == offset
+            paged += [j["jobId"] for j in page["jobs"]]
+        assert paged == listed
+
+        cancelled = (await client.get("/api/v1/training/list?status=cancelled&limit=1000")).json()
+        assert cancelled["total"] == len(cancelled["jobs"]) and {j["status"] for j in cancelled["jobs"]} == {
+            "cancelled"
+        }
+        assert set(ids[:2]) <= {j["jobId"] for j in cancelled["jobs"]}
+        queued = (await client.get("/api/v1/training/list?status=queued&limit=1000")).json()
+        assert set(ids[2:]) <= {j["jobId"] for j in queued["jobs"]}
+        assert (await client.get("/api/v1/training/list")).json()["limit"] == 100
+    finally:
+        for job_id in ids[2:]:
+            await client.post(f"/api/v1/training/cancel/{job_id}")
+
+    for query, field in [
+        ("status=done", "status"),
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("offset=-1", "offset"),
+    ]:
+        r = await client.get(f"/api/v1/training/list?{query}")
+        assert r.status_code == 400 and error_of(r)["details"][0]["field"] == field, query
+
+
+async def test_training_routes_require_the_api_key(gw: Gateway) -> None:
+    async with gw.client(api_key=None) as anonymous:
+        assert (await anonymous.get("/api/v1/training/list")).status_code == 401
+        assert (await anonymous.post("/api/v1/training/start", json={})).status_code == 401
