@@ -60,6 +60,7 @@ class Plan:
     attempt: int = 1
     elapsed_s: float = 0.0  # training time of earlier attempts
     device: str = "auto"
+    threads: int = 0  # torch CPU threads for this job (0: leave torch's setting)
 
 
 @dataclass
@@ -81,11 +82,15 @@ def pick_device(device: str) -> torch.device:
 def run(plan: Plan, control: Control) -> Outcome:
     """Train until done or asked to stop. Raises DatasetError for data problems found now (tokenization),
     other exceptions for everything else; the caller fails the job with them."""
+    threads = torch.get_num_threads()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     state = _Run(plan, control)
     try:
         return state.run()
     finally:
         state.release()
+        torch.set_num_threads(threads)
 
 
 class _Run:

@@ -56,7 +56,8 @@ class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
     # Seconds without an in-progress ack after which a job is handed to another trainer.
     trainer_ack_wait: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
     trainer_device: str = "auto"
-    # torch CPU threads for this process (0 = torch's default: one per core).
+    # torch CPU threads while training (0 = torch's default: one per core). On a CPU shared with other
+    # busy processes fewer threads than cores can be much faster (spinning OpenMP threads get preempted).
     trainer_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     # A job whose trainer died this many times in a row fails instead of being tried again.
     trainer_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
@@ -115,10 +116,6 @@ class Trainer:
 
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(trainer_id=self.trainer_id)
-        if self.settings.trainer_threads:
-            import torch
-
-            torch.set_num_threads(self.settings.trainer_threads)
         self.nc = await connect_nats(self.settings, name=f"cy-trainer-{self.trainer_id}")
         js = self.nc.jetstream()
         self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
@@ -269,6 +266,7 @@ class Trainer:
             attempt=job.attempt,
             elapsed_s=job.progress.elapsed_s,
             device=self.settings.trainer_device,
+            threads=self.settings.trainer_threads,
         )
 
     async def _keep_alive(self, msg: Msg) -> None:

@@ -86,6 +86,8 @@ def trainer_settings(nats_url: str, roots: Roots, **overrides: Any) -> TrainerSe
         datasets_dir=str(roots.datasets),
         outputs_dir=str(roots.outputs),
         trainer_ack_wait=ACK_WAIT_S,
+        # One torch thread: this 2-core machine is shared, and spinning OpenMP threads lose to it.
+        trainer_threads=overrides.pop("trainer_threads", 1),
         **overrides,
     )
 
@@ -121,7 +123,7 @@ async def job_service(nats_url: str, registry: Registry, roots: Roots) -> AsyncI
 
 
 class TrainerProcess:
-    """`python -m services.trainer` as a real OS process (to kill -9 it mid-job)."""
+    """`python -m services.trainer` as a real OS process (to kill -9 it mid-job); stderr goes to a file."""
 
     def __init__(self, nats_url: str, registry_file: Path, roots: Roots, trainer_id: str) -> None:
         env = dict(
@@ -134,9 +136,11 @@ class TrainerProcess:
             CY_LLM_TRAINER_ACK_WAIT=str(ACK_WAIT_S),
             CY_LLM_TRAINER_THREADS="1",
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.trainer"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.log = roots.outputs.parent / f"{trainer_id}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.trainer"], env=env, stdout=subprocess.DEVNULL, stderr=log
+            )
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -144,9 +148,7 @@ class TrainerProcess:
         self.proc.wait(10)
 
     def stderr_tail(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+        return self.log.read_text(errors="replace")[-3000:]
 
 
 async def wait_job(jobs: JobService, job_id: str, predicate: Any, timeout: float = 120.0) -> TrainingJob:

@@ -1,0 +1,116 @@
+"""A trainer process killed with SIGKILL mid-job: the next trainer resumes from the last checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import nats
+
+from schemas import subjects
+from schemas.training import HyperParams, LoraConfig, StartTraining, TrainingEvent, event_decoder
+from services.engine.registry import Registry
+from services.trainer.jobs import JobService
+from services.trainer.paths import Roots
+from tests.helpers import NatsServer
+from tests.trainer.helpers import (
+    ACK_WAIT_S,
+    TrainerProcess,
+    running_trainer,
+    unique,
+    varied_rows,
+    wait_finished,
+    write_jsonl,
+)
+
+STEPS = 40
+SAVE_STEPS = 10
+
+
+def request(dataset: str) -> StartTraining:
+    return StartTraining(
+        base_model="tiny",
+        output_dir=unique("out"),
+        dataset_path=dataset,
+        # Dropout 0 and a fixed seed: the run is deterministic, so a resumed run can be compared step by step.
+        hyper_params=msgspec.convert(
+            {
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "epochs": STEPS // 4,
+                "max_seq_length": 64,
+                "save_steps": SAVE_STEPS,
+                "eval_split": 0,
+            },
+            HyperParams,
+        ),
+        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+
+
+async def events_of(nats_url: str, job_id: str) -> list[TrainingEvent]:
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
+        out: list[TrainingEvent] = []
+        while True:
+            try:
+                out.append(event_decoder.decode((await sub.next_msg(timeout=0.5)).data))
+            except nats.errors.TimeoutError:
+                return out
+    finally:
+        await nc.drain()
+
+
+def losses(events: list[TrainingEvent]) -> dict[int, float]:
+    return {e.progress.step: e.progress.loss or 0.0 for e in events if e.kind == "step" and e.progress}
+
+
+async def test_a_trainer_killed_mid_job_leaves_it_to_the_next_which_resumes_to_the_same_step_count(
+    nats_server: NatsServer, registry: Registry, registry_file: Path, jobs: JobService, roots: Roots
+) -> None:
+    dataset = write_jsonl(roots, varied_rows(16))
+
+    # The uninterrupted run, for comparison.
+    async with running_trainer(nats_server.url, registry, roots):
+        reference = await jobs.start(request(dataset))
+        assert (await wait_finished(jobs, reference.job_id)).status == "completed"
+    expected = losses(await events_of(nats_server.url, reference.job_id))
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    doomed = TrainerProcess(nats_server.url, registry_file, roots, unique("doomed"))
+    try:
+        job = await jobs.start(request(dataset))
+        checkpoint = roots.outputs / job.output_dir / "checkpoints" / f"step-{SAVE_STEPS:06d}"
+        for _ in range(1200):
+            record = await jobs.get(job.job_id)
+            if checkpoint.exists() and record.progress.step > SAVE_STEPS:
+                break
+            assert doomed.proc.poll() is None, doomed.stderr_tail()
+            await asyncio.sleep(0.05)
+        doomed.kill()
+    finally:
+        doomed.kill()
+    killed_at = await jobs.get(job.job_id)
+    assert killed_at.status == "running" and killed_at.progress.step < STEPS, killed_at
+    saved = max(int(p.name[5:]) for p in checkpoint.parent.glob("step-*"))
+
+    async with running_trainer(nats_server.url, registry, roots) as heir:
+        done = await wait_finished(jobs, job.job_id, timeout=60 + ACK_WAIT_S)
+        assert heir.current_job is None
+    assert done.status == "completed", done.message
+    assert done.progress.step == done.progress.total_steps == STEPS
+    assert done.attempt == 2 and done.owner == ""
+    assert done.progress.elapsed_s >= killed_at.progress.elapsed_s
+
+    events = await events_of(nats_server.url, job.job_id)
+    resumed = next(i for i, e in enumerate(events) if e.kind == "resumed")
+    assert f"continuing from the checkpoint at step {saved}" in events[resumed].message
+    after = [e.progress.step for e in events[resumed:] if e.kind == "step" and e.progress]
+    assert after == list(range(saved + 1, STEPS + 1))  # nothing skipped, nothing beyond the total
+    # Weights, optimizer, schedule and data order all came back: the loss curve continues as if never killed.
+    got = losses(events[resumed:])
+    for step in range(saved + 1, STEPS + 1):
+        assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
+    assert events[-1].kind == "completed"
