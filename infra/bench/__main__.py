@@ -27,7 +27,7 @@ from typing import Any
 
 from infra.bench import report
 from infra.bench._sse import make_client
-from infra.bench.facts import CpuWatch, ProcessCpu, machine_facts
+from infra.bench.facts import CpuWatch, OtherProcesses, ProcessCpu, machine_facts
 from infra.bench.gateway_load import gateway_request
 from infra.bench.inprocess import InProcessTarget
 from infra.bench.nats_load import connect, nats_request
@@ -108,7 +108,8 @@ class Bench:
 
     async def _level(self, name: str, runner: LevelRunner, concurrency: int) -> dict[str, Any]:
         """One level of one target, with the CPU time each of the target's processes spent on it."""
-        cpu = ProcessCpu(self.pids.get(name, {}))
+        ours = sorted({pid for pids in self.pids.values() for pid in pids.values()})
+        cpu = ProcessCpu(self.pids.get(name, {}), ours)
         cpu.start()
         level = await runner(concurrency)
         level["cpu_s"] = cpu.stop()
@@ -203,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     model_id, spec = resolved
     model_dir = ensure_model(spec)
     facts = machine_facts()
-    watch = CpuWatch()
+    watch, others = CpuWatch(), OtherProcesses()
     watch.start()
+    others.start()
     bench = Bench(args, workload, run_dir, model_id, model_dir)
     asyncio.run(bench.run())
     facts["loadavg_at_end"] = os.getloadavg()
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": dataclasses.asdict(workload),
         "prompts": list(PROMPTS),
         "facts": facts,
-        "other_load": watch.stop(),
+        "other_load": {**(watch.stop() or {}), "top_processes": others.stop()},
         "startup": bench.startup,
         "levels": bench.levels,
         "skipped": bench.skipped,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -129,21 +130,79 @@ def self_cpu_s() -> float:
 
 
 class ProcessCpu:
-    """CPU seconds each named process used between `start()` and `stop()`; "client" is this process."""
+    """CPU seconds each named process used between `start()` and `stop()`; "client" is this process.
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    `ours` are all the benchmark's processes (idle targets included); whatever else the machine did in the
+    meantime is reported as `other_cores`: the average number of cores other users took during the level.
+    """
+
+    def __init__(self, pids: dict[str, int], ours: list[int]) -> None:
         self.pids = pids
+        self.ours = ours
         self._start: dict[str, float | None] = {}
+        self._ours0 = 0.0
+        self._busy0 = 0.0
+        self._wall0 = 0.0
+
+    def _ours_cpu(self) -> float:
+        return self_cpu_s() + sum(cpu for pid in self.ours if (cpu := process_cpu_s(pid)) is not None)
 
     def start(self) -> None:
         self._start = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
         self._start["client"] = self_cpu_s()
+        self._wall0, self._busy0, self._ours0 = time.monotonic(), _busy_cpu_s(), self._ours_cpu()
 
     def stop(self) -> dict[str, float]:
         now: dict[str, float | None] = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
         now["client"] = self_cpu_s()
-        return {
+        out = {
             name: round(end - begin, 2)
             for name, end in now.items()
             if end is not None and (begin := self._start.get(name)) is not None
         }
+        wall = time.monotonic() - self._wall0
+        other = (_busy_cpu_s() - self._busy0) - (self._ours_cpu() - self._ours0)
+        out["other_cores"] = round(max(other, 0.0) / wall, 2) if wall > 0 else 0.0
+        return out
+
+
+class OtherProcesses:
+    """Samples every process every few seconds; names the ones outside this benchmark that used the most CPU.
+
+    Processes that start and end between two samples are missed; `CpuWatch` still counts their CPU.
+    """
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self._seen: dict[int, tuple[str, float, float]] = {}  # pid -> (label, first cpu, last cpu)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-load-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        me = psutil.Process()
+        first = True
+        while not self._stop.is_set():
+            ours = {me.pid, *(p.pid for p in me.children(recursive=True))}
+            for proc in psutil.process_iter(["pid", "cmdline", "name", "cpu_times"]):
+                info = proc.info
+                if info["pid"] in ours or info["cpu_times"] is None:
+                    continue
+                cpu = info["cpu_times"].user + info["cpu_times"].system
+                label, begin, _ = self._seen.get(info["pid"], ("", cpu if first else 0.0, 0.0))
+                label = label or " ".join(info["cmdline"] or [info["name"] or "?"])[:90]
+                self._seen[info["pid"]] = (label, begin, cpu)
+            first = False
+            self._stop.wait(self.interval)
+
+    def stop(self, top: int = 5) -> list[tuple[str, float]]:
+        self._stop.set()
+        self._thread.join(10)
+        used = sorted(((label, last - begin) for label, begin, last in self._seen.values()), key=lambda x: -x[1])
+        return [(label, round(cpu, 1)) for label, cpu in used[:top] if cpu >= 1.0]

@@ -84,12 +84,14 @@ def table(results: dict[str, Any]) -> str:
         f"transformers {facts['transformers']}, commit {facts['git_commit'][:10]}{dirty}",
     ]
     other = results.get("other_load")
-    if other:
+    if other and "other_cpu_s" in other:
         parts.append(
             f"other processes used {other['other_cpu_s']} CPU-s during the {other['wall_s']} s run "
             f"(~{other['other_cores_avg']} of {facts['cores']} cores on average): "
             "absolute figures are noisy, ratios less so"
         )
+        for label, cpu in other.get("top_processes", []):
+            parts.append(f"  {cpu:7.1f} CPU-s  {label}")
     rrows = [
         [
             str(r["concurrency"]),
@@ -126,6 +128,7 @@ def table(results: dict[str, Any]) -> str:
         "  gw = through the gateway (HTTP/SSE), nats = direct NATS publisher, peer = transformers serve --cb",
     ]
     t = by_target(results)
+    other = {(lv["target"], lv["concurrency"]): (lv.get("cpu_s") or {}).get("other_cores") for lv in results["levels"]}
     arows = []
     for target in TARGETS:
         for c, s in sorted(t.get(target, {}).items()):
@@ -139,15 +142,27 @@ def table(results: dict[str, Any]) -> str:
                     _f(s["stream_tps_p50"], ".1f"),
                     _f(s["aggregate_tps"], ".1f"),
                     ",".join(f"{k}:{v}" for k, v in sorted(s["finish_reasons"].items())),
+                    _f(other.get((target, c)), ".2f"),
                 ]
             )
     parts += [
         "",
         "Absolute figures",
         _grid(
-            ["target", "streams", "ok", "TTFT p50 ms", "TTFT p99 ms", "tok/s/stream p50", "agg tok/s", "finish"],
+            [
+                "target",
+                "streams",
+                "ok",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "tok/s/stream p50",
+                "agg tok/s",
+                "finish",
+                "other load",
+            ],
             arows,
         ),
+        "  other load = cores that other users' processes took on average while that level ran",
     ]
     crows = []
     for level in results["levels"]:
