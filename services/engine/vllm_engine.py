@@ -136,16 +136,33 @@ class VllmEngine(Engine):
         self._adapters: dict[str, _Adapter] = {}
         self._lora_ids = itertools.count(1)
         for adapter, path in spec.adapters.items():
-            self.register_adapter(adapter, path)
+            self._register(adapter, path)
 
     # --- adapters ------------------------------------------------------------------------------
-    def register_adapter(self, name: str, path: str) -> None:
+    async def register_adapter(self, name: str, path: str) -> None:
         """Make adapter `name` (a peft LoRA directory) usable by the next request that names it.
 
-        Registering a name again with another path serves the new weights from then on.
-        Raises CyError(INVALID_REQUEST) when LoRA is off, the directory is not a LoRA adapter,
-        or its rank exceeds CY_LLM_VLLM_MAX_LORA_RANK.
+        vLLM loads it on that first request. Registering a name again with another path serves the
+        new weights from then on. Raises CyError(INVALID_REQUEST) when LoRA is off, the directory is
+        not a LoRA adapter, or its rank exceeds CY_LLM_VLLM_MAX_LORA_RANK.
         """
+        replaced = self._register(name, path)
+        if replaced is not None:
+            await self._forget(replaced)
+
+    async def unregister_adapter(self, name: str) -> None:
+        """Stop serving adapter `name` (requests already running with it finish)."""
+        entry = self._adapters.pop(name, None)
+        if entry is not None:
+            log.info("adapter_unregistered", adapter=name)
+            await self._forget(entry)
+
+    async def _forget(self, entry: _Adapter) -> None:
+        if self._driver is not None:
+            await self._driver.remove_lora(entry.lora_id)
+
+    def _register(self, name: str, path: str) -> _Adapter | None:
+        """Validate and record an adapter; returns the entry it replaces, if any."""
         if not self.settings.vllm_enable_lora:
             raise CyError(ErrorCode.INVALID_REQUEST, "LoRA is disabled on this engine (CY_LLM_VLLM_ENABLE_LORA)")
         config_file = Path(path) / "adapter_config.json"
@@ -162,9 +179,11 @@ class VllmEngine(Engine):
         current = self._adapters.get(name)
         resolved = str(Path(path).resolve())
         if current is not None and current.path == resolved:
-            return
+            return None
+        # A new id per (name, path): vLLM caches adapters by id, so new weights need a new id.
         self._adapters[name] = _Adapter(name, resolved, next(self._lora_ids))
         log.info("adapter_registered", adapter=name, path=resolved, rank=rank)
+        return current
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
@@ -304,6 +323,10 @@ class VllmEngine(Engine):
             await driver.close()
 
     # --- generation ----------------------------------------------------------------------------
+    @property
+    def busy(self) -> int:
+        return self.unfinished_requests()
+
     def unfinished_requests(self) -> int:
         """Requests vLLM still holds (running or waiting); 0 once every stream finished or aborted."""
         return self._driver.unfinished() if self._driver else 0
@@ -360,6 +383,9 @@ class _AsyncDriver:
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self.llm.remove_lora(lora_id)
 
     def unfinished(self) -> int:
         return int(self.llm.get_num_unfinished_requests())

@@ -65,6 +65,9 @@ class SyncDriver:
         if verb == "abort":
             self.engine.abort_request([request_id])
             return
+        if verb == "remove_lora":
+            self.engine.remove_lora(payload)
+            return
         from vllm.inputs.engine import tokens_input
 
         prompt_ids, params, lora = payload
@@ -106,6 +109,9 @@ class SyncDriver:
 
     async def abort(self, request_id: str) -> None:
         self._command("abort", request_id)
+
+    async def remove_lora(self, lora_id: int) -> None:
+        self._command("remove_lora", "", lora_id)
 
     def unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())
