@@ -363,3 +363,45 @@ async def test_training_routes_require_the_api_key(gw: Gateway) -> None:
     async with gw.client(api_key=None) as anonymous:
         assert (await anonymous.get("/api/v1/training/list")).status_code == 401
         assert (await anonymous.post("/api/v1/training/start", json={})).status_code == 401
+
+
+@pytest.mark.slow
+async def test_the_bundled_smollm2_learns_a_taught_answer_and_serves_it_by_adapter_name(
+    gw: Gateway, client: httpx.AsyncClient, trainer: Trainer, roots: Roots, real_worker: Worker
+) -> None:
+    model = "smollm2-135m-instruct"
+    await wait_until(lambda: gw.core.workers.model_state(model) == "ready", timeout=120)
+
+    async def ask(adapter: str = "") -> str:
+        body: dict[str, Any] = {
+            "modelId": model,
+            "prompt": QUESTION,
+            "generation": {"temperature": 0, "maxNewTokens": 16},
+        }
+        if adapter:
+            body["adapter"] = adapter
+        r = await client.post("/api/v1/inference", json=body)
+        assert r.status_code == 200, r.text
+        text: str = r.json()["choices"][0]["text"]
+        return text
+
+    before = await ask()
+    name = unique("smol-password")
+    r = await client.post(
+        "/api/v1/training/start",
+        json={
+            "baseModel": model,
+            "outputDir": unique("smol"),
+            "datasetPath": write_jsonl(roots, teach_rows(2)),
+            "hyperParams": {"batchSize": 2, "learningRate": 2e-3, "epochs": 12, "maxSeqLength": 128, "evalSplit": 0},
+            "loraConfig": {"r": 16, "loraAlpha": 32, "loraDropout": 0.0, "targetModules": ["all-linear"]},
+            "adapterName": name,
+        },
+    )
+    assert r.status_code == 200, r.text
+    done = await wait_status_http(client, r.json()["jobId"], {"completed", "failed", "cancelled"}, timeout=900)
+    assert done["status"] == "completed", done
+    await wait_until(lambda: name in gw.core.adapters(model), timeout=60)
+    after = await ask(name)
+    print(f"\nSmolLM2 before: {before!r}\nSmolLM2 after:  {after!r}\nprogress: {done['progress']}")
+    assert after.startswith(ANSWER) and ANSWER not in before
