@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.bench import report
+from infra.bench._children import exit_on_sigterm
 from infra.bench._sse import make_client
 from infra.bench.facts import CpuWatch, OtherProcesses, ProcessCpu, machine_facts
 from infra.bench.gateway_load import gateway_request
@@ -53,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, help="output length per request")
     parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "16")), help="worker slots")
     parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for every engine (OMP_NUM_THREADS); default: torch's own choice, as in production. "
+        "On a machine shared with other work, --threads 1 keeps figures steadier (no OpenMP barrier stalls)",
+    )
     parser.add_argument(
         "--profile",
         type=int,
@@ -92,6 +99,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.levels: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
+        self.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -120,7 +128,7 @@ class Bench:
 
     async def _start_inprocess(self, stack: contextlib.AsyncExitStack) -> None:
         stage("starting 1/3: in-process engine (the floor)")
-        target = InProcessTarget(self.workload, self.args.slots, dict(os.environ, **QUIET_ENV))
+        target = InProcessTarget(self.workload, self.args.slots, dict(os.environ, **QUIET_ENV, **self.env))
         await stack.enter_async_context(target)
         self.startup["inprocess_load_s"] = target.load_s
         self.targets["in-process"] = (self.workload.inprocess_levels, target.level)
@@ -129,9 +137,9 @@ class Bench:
 
     async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
         stage("starting 2/3: our stack: nats-server + worker + gateway (separate processes)")
-        ours = Stack(self.run_dir / "stack", model_id=self.model_id, slots=self.args.slots)
+        ours = Stack(self.run_dir / "stack", model_id=self.model_id, slots=self.args.slots, env=self.env)
         stack.callback(ours.stop)
-        await asyncio.to_thread(ours.start)
+        ours.start()  # blocking on purpose: nothing else runs yet, and children must come from the main thread
         client = await stack.enter_async_context(make_client(max(self.workload.levels)))
         gateway = gateway_request(client, ours.base_url, ours.api_key, self.counter)
         first = await gateway(PROMPTS[0], 8)  # includes the worker's first forward pass
@@ -172,9 +180,10 @@ class Bench:
             self.model_dir,
             max_streams=max(w.levels),
             max_tokens_per_stream=128 + w.max_new_tokens,
+            env=self.env,
         )
         stack.callback(peer.stop)
-        await asyncio.to_thread(peer.start)
+        peer.start()  # blocking on purpose, as for our stack
         client = await stack.enter_async_context(make_client(max(w.levels)))
         one = peer_request(client, peer, self.counter)
         first = await one(PROMPTS[0], 8)  # its continuous-batching manager starts on the first request
@@ -191,6 +200,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     workload = build_workload(args)
     mode = "quick" if args.quick else "full"
     run_dir = args.out / time.strftime(f"bench-%Y%m%d-%H%M%S-{mode}")
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_id": model_id,
         "model_dir": str(model_dir),
         "slots": args.slots,
+        "threads": args.threads,
         "workload": dataclasses.asdict(workload),
         "prompts": list(PROMPTS),
         "facts": facts,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra.bench._children import die_with_parent
 from infra.bench.workloads import Sample, TokenCounter, Workload, run_level
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from services.engine.registry import ModelSpec
@@ -103,6 +104,7 @@ class InProcessTarget:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=self.env,
+            preexec_fn=die_with_parent,
         )
         hello = await self._read()
         self.load_s, self.first_ttft_s = hello["load_s"], hello["first_ttft_s"]
@@ -126,9 +128,12 @@ class InProcessTarget:
         if self.proc is None or self.proc.returncode is not None:
             return
         assert self.proc.stdin is not None
-        self.proc.stdin.close()  # end of input: the engine closes and the process exits
-        try:
-            await asyncio.wait_for(self.proc.wait(), 20)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        self.proc.stdin.close()  # end of input: between levels the engine closes and the process exits
+        for action in (None, self.proc.terminate, self.proc.kill):
+            if action is not None:
+                action()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+                return
+            except TimeoutError:
+                continue

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from infra.bench._children import die_with_parent
 from infra.bench._sse import sse_events
 from infra.bench.stack import QUIET_ENV, StackError
 from infra.bench.workloads import OneRequest, Sample, TokenCounter
@@ -47,7 +48,10 @@ class PeerServer:
     32-stream level at once).
     """
 
-    def __init__(self, root: Path, model_dir: Path, *, max_streams: int, max_tokens_per_stream: int) -> None:
+    def __init__(
+        self, root: Path, model_dir: Path, *, max_streams: int, max_tokens_per_stream: int, env: dict[str, str]
+    ) -> None:
+        self.env = env
         self.root = root
         self.model_dir = model_dir
         self.num_blocks = 2 * max_streams * -(-max_tokens_per_stream // PAGE_TOKENS)
@@ -72,7 +76,11 @@ class PeerServer:
         started = time.monotonic()
         with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
-                [*cmd, self.model_name], env=dict(os.environ, **QUIET_ENV), stdout=log, stderr=log
+                [*cmd, self.model_name],
+                env=dict(os.environ, **QUIET_ENV, **self.env),
+                stdout=log,
+                stderr=log,
+                preexec_fn=die_with_parent,
             )
         while time.monotonic() < started + timeout:
             if self.proc.poll() is not None:

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from infra.bench._children import die_with_parent
+
 
 def py_spy_binary() -> str | None:
     candidate = Path(sys.executable).parent / "py-spy"
@@ -42,7 +44,7 @@ class Profiler:
             cmd = [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw"]
             cmd += ["--threads", "--nonblocking", "-o", str(out)]
             with open(self.folder / f"{name}.pyspy.log", "wb") as log:
-                self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log)
+                self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=die_with_parent)
             self.files[name] = out
         return self
 

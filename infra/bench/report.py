@@ -79,7 +79,8 @@ def table(results: dict[str, Any]) -> str:
     dirty = " (dirty)" if facts["git_dirty"] else ""
     parts = [
         f"CY-LLM bench ({results['mode']}): {results['model_id']}, {work['max_new_tokens']} new tokens per request, "
-        f"greedy, chat prompts; worker slots {results['slots']}",
+        f"greedy, chat prompts; worker slots {results['slots']}; "
+        f"torch threads {results.get('threads') or 'default (' + str(facts['torch_threads']) + ')'}",
         f"machine: {facts['cpu_model']}, {facts['cores']} cores, torch {facts['torch']}, "
         f"transformers {facts['transformers']}, commit {facts['git_commit'][:10]}{dirty}",
     ]

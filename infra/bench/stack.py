@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from infra.bench._children import die_with_parent
 from infra.nats import free_port, start_nats
 
 QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -31,8 +32,9 @@ class StackError(RuntimeError):
 
 
 class Stack:
-    def __init__(self, root: Path, *, model_id: str, slots: int) -> None:
+    def __init__(self, root: Path, *, model_id: str, slots: int, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.extra_env = env or {}
         self.model_id = model_id
         self.slots = slots
         self.api_key = secrets.token_urlsafe(16)
@@ -56,7 +58,7 @@ class Stack:
         return self.procs[name].pid
 
     def _env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, **QUIET_ENV)
+        env = dict(os.environ, **QUIET_ENV, **self.extra_env)
         env.update(
             CY_LLM_NATS_URL=self.nats_url,
             CY_LLM_INTERNAL_TOKEN=self.token,
@@ -68,7 +70,9 @@ class Stack:
 
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", module], env=env, stdout=log, stderr=log, preexec_fn=die_with_parent
+            )
 
     def start(self, timeout: float = 300) -> None:
         """Start everything and wait until the model is ready. Raises StackError."""
