@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         const=16,
         help="py-spy the gateway and the worker during the gateway level with STREAMS streams (default 16)",
     )
+    parser.add_argument(
+        "--engine-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for every engine process (worker, in-process, peer), e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder")
     return parser.parse_args(argv)
 
@@ -99,7 +106,9 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.levels: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
-        self.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+        self.env = dict(item.split("=", 1) for item in args.engine_env)
+        if args.threads:
+            self.env["OMP_NUM_THREADS"] = str(args.threads)
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(model_dir),
         "slots": args.slots,
         "threads": args.threads,
+        "engine_env": bench.env,
         "workload": dataclasses.asdict(workload),
         "prompts": list(PROMPTS),
         "facts": facts,

@@ -84,6 +84,8 @@ def table(results: dict[str, Any]) -> str:
         f"machine: {facts['cpu_model']}, {facts['cores']} cores, torch {facts['torch']}, "
         f"transformers {facts['transformers']}, commit {facts['git_commit'][:10]}{dirty}",
     ]
+    if results.get("engine_env"):
+        parts.append("engine environment: " + " ".join(f"{k}={v}" for k, v in results["engine_env"].items()))
     other = results.get("other_load")
     if other and "other_cpu_s" in other:
         parts.append(
