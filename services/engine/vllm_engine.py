@@ -5,9 +5,14 @@ worker detokenizes, chunks and applies stop strings, the same as for the transfo
 Closing a `generate()` iterator early aborts the vLLM request, which frees its slot and KV blocks.
 
 Adapters: each name maps to a directory and a stable `LoRARequest` id; static ones come from the
-registry, trained ones arrive through `register_adapter()` while the engine runs (vLLM loads an adapter
-on the first request that names it). Startup goes through the `allow_auto_tuning` ladder
-(`services.engine.vllm_tuning`).
+registry, trained ones arrive through `register_adapter()` while the engine runs. Each is loaded into
+vLLM when registered, because a broken adapter that vLLM 0.32 first meets in a request kills its
+engine process, while a failed load at registration is only an error. Startup goes through the
+`allow_auto_tuning` ladder (`services.engine.vllm_tuning`).
+
+vLLM starts its engine processes with `spawn`, which re-imports the main module: that module must not
+import quart/flask at top level (vLLM 0.32's CPU kernel-override scan walks every loaded module and
+trips over their context-local proxies). `python -m services.engine` is fine.
 
 Settings (environment, read once at construction):
   CY_LLM_ALLOW_AUTO_TUNING   true   step memory settings down when vLLM cannot start (false: fail fast)
@@ -146,9 +151,33 @@ class VllmEngine(Engine):
         new weights from then on. Raises CyError(INVALID_REQUEST) when LoRA is off, the directory is
         not a LoRA adapter, or its rank exceeds CY_LLM_VLLM_MAX_LORA_RANK.
         """
-        replaced = self._register(name, path)
-        if replaced is not None:
-            await self._forget(replaced)
+        previous = self._adapters.get(name)
+        entry = self._register(name, path)
+        if entry is None:
+            return
+        try:
+            await self._load(entry)
+        except CyError:
+            # Keep serving what was there before (or nothing): a bad adapter must not replace a good one.
+            if previous is None:
+                del self._adapters[name]
+            else:
+                self._adapters[name] = previous
+            raise
+        if previous is not None:
+            await self._forget(previous)
+
+    async def _load(self, entry: _Adapter) -> None:
+        """Load an adapter into vLLM now, so that a broken one is refused here and not at a request
+        (vLLM 0.32's engine process dies when a request's adapter fails to load)."""
+        if self._driver is None:
+            return
+        try:
+            await self._driver.add_lora(self._lora_request(entry.name))
+        except Exception as exc:
+            raise CyError(
+                ErrorCode.INVALID_REQUEST, f"adapter {entry.name!r} at {entry.path} cannot be loaded: {exc}"
+            ) from exc
 
     async def unregister_adapter(self, name: str) -> None:
         """Stop serving adapter `name` (requests already running with it finish)."""
@@ -162,7 +191,7 @@ class VllmEngine(Engine):
             await self._driver.remove_lora(entry.lora_id)
 
     def _register(self, name: str, path: str) -> _Adapter | None:
-        """Validate and record an adapter; returns the entry it replaces, if any."""
+        """Validate and record an adapter; returns the new entry (None when nothing changed)."""
         if not self.settings.vllm_enable_lora:
             raise CyError(ErrorCode.INVALID_REQUEST, "LoRA is disabled on this engine (CY_LLM_VLLM_ENABLE_LORA)")
         config_file = Path(path) / "adapter_config.json"
@@ -181,9 +210,9 @@ class VllmEngine(Engine):
         if current is not None and current.path == resolved:
             return None
         # A new id per (name, path): vLLM caches adapters by id, so new weights need a new id.
-        self._adapters[name] = _Adapter(name, resolved, next(self._lora_ids))
+        entry = self._adapters[name] = _Adapter(name, resolved, next(self._lora_ids))
         log.info("adapter_registered", adapter=name, path=resolved, rank=rank)
-        return current
+        return entry
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
@@ -230,6 +259,12 @@ class VllmEngine(Engine):
         )
         self.max_model_len = self.rung.max_model_len
         self.slots = self.rung.max_num_seqs
+        for entry in list(self._adapters.values()):
+            try:
+                await self._load(entry)
+            except CyError as exc:
+                del self._adapters[entry.name]
+                log.error("adapter_load_failed", adapter=entry.name, path=entry.path, error=exc.body.message)
         log.info(
             "engine_loaded",
             engine=self.name,
@@ -383,6 +418,9 @@ class _AsyncDriver:
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    async def add_lora(self, lora: Any) -> None:
+        await self.llm.add_lora(lora)
 
     async def remove_lora(self, lora_id: int) -> None:
         await self.llm.remove_lora(lora_id)

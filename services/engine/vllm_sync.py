@@ -20,6 +20,15 @@ log = structlog.get_logger()
 _Item = Any  # a vLLM RequestOutput, or the exception that ended the request
 
 
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class SyncDriver:
     def __init__(self, args: Any) -> None:
         self.args = args
@@ -65,8 +74,14 @@ class SyncDriver:
         if verb == "abort":
             self.engine.abort_request([request_id])
             return
-        if verb == "remove_lora":
-            self.engine.remove_lora(payload)
+        if verb == "call":
+            fn, args, loop, future = payload
+            try:
+                result: Any = fn(*args)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
             return
         from vllm.inputs.engine import tokens_input
 
@@ -110,8 +125,18 @@ class SyncDriver:
     async def abort(self, request_id: str) -> None:
         self._command("abort", request_id)
 
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` on the engine thread (between steps) and return its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._command("call", "", (fn, args, loop, future))
+        return await future
+
+    async def add_lora(self, lora: Any) -> None:
+        await self._call(self.engine.add_lora, lora)
+
     async def remove_lora(self, lora_id: int) -> None:
-        self._command("remove_lora", "", lora_id)
+        await self._call(self.engine.remove_lora, lora_id)
 
     def unfinished(self) -> int:
         return int(self.engine.get_num_unfinished_requests())

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from schemas import subjects
-from schemas.errors import ErrorCode
+from schemas.errors import CyError, ErrorCode
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, StreamEnd, StreamError, TokenChunk
 from services.engine.worker import Worker
 from tests.dispatch.nats_client import Collected, connect, submit
@@ -32,6 +32,10 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vllm-adapters")
     for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3)):
         make_adapter(root / name, seed)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((root / "alpha" / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 1000)
     return root
 
 
@@ -218,3 +222,17 @@ async def test_an_adapter_registered_while_running_serves_at_once_and_stops_when
     await worker.engine.unregister_adapter("gamma")  # type: ignore[attr-defined]
     gone = await ask(nc, request(adapter="gamma"))
     assert isinstance(gone.end, StreamError) and gone.end.code == ErrorCode.MODEL_NOT_FOUND
+
+
+async def test_a_broken_adapter_is_refused_at_registration_and_the_engine_keeps_serving(
+    worker: Worker, nc: NATS, adapter_dir: Path
+) -> None:
+    with pytest.raises(CyError) as err:
+        await worker.engine.register_adapter("broken", str(adapter_dir / "broken"))  # type: ignore[attr-defined]
+    assert err.value.code == ErrorCode.INVALID_REQUEST and "broken" in err.value.body.message
+    # Replacing a good adapter with broken files keeps the good one.
+    with pytest.raises(CyError):
+        await worker.engine.register_adapter("alpha", str(adapter_dir / "broken"))  # type: ignore[attr-defined]
+    assert worker.engine.adapters() == ["alpha", "beta"]
+    assert end(await ask(nc, request(adapter="alpha", max_new_tokens=4))).completion_tokens == 4
+    assert end(await ask(nc, request(max_new_tokens=4))).completion_tokens == 4
