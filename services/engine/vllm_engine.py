@@ -309,10 +309,17 @@ class VllmEngine(Engine):
 
                 vm = psutil.virtual_memory()
                 return tuning.Memory(free=vm.available, total=vm.total)
-            import torch
+            # NVML, not torch.cuda: a CUDA context in this process would itself take GPU memory from vLLM.
+            from vllm.third_party import pynvml
 
-            free, total = torch.cuda.mem_get_info()
-            return tuning.Memory(free=free, total=total)
+            first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            pynvml.nvmlInit()
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(first) if first.isdigit() else 0)
+                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                return tuning.Memory(free=int(info.free), total=int(info.total))
+            finally:
+                pynvml.nvmlShutdown()
         except Exception as exc:  # unknown memory: let vLLM decide
             log.warning("memory_probe_failed", error=repr(exc))
             return None
