@@ -83,11 +83,10 @@ def build_workload(args: argparse.Namespace) -> Workload:
     workload = QUICK if args.quick else FULL
     if args.levels:
         levels = tuple(int(x) for x in args.levels.split(","))
-        workload = dataclasses.replace(workload, levels=levels, inprocess_levels=levels)
+        nats_levels = tuple(c for c in workload.nats_levels if c in levels) or levels[:1]
+        workload = dataclasses.replace(workload, levels=levels, inprocess_levels=levels, nats_levels=nats_levels)
     if args.max_new_tokens:
         workload = dataclasses.replace(workload, max_new_tokens=args.max_new_tokens)
-        nats_levels = tuple(c for c in workload.nats_levels if c in levels) or levels[:1]
-        workload = dataclasses.replace(workload, nats_levels=nats_levels)
     if args.profile and args.profile not in workload.levels:
         workload = dataclasses.replace(workload, levels=tuple(sorted({*workload.levels, args.profile})))
     return workload
@@ -166,7 +165,7 @@ class Bench:
             if c != self.args.profile:
                 return (await run_level("gateway", gateway, c, self.workload)).to_json()
             pids = {"gateway": ours.pid("gateway"), "worker": ours.pid("worker")}
-            with Profiler(pids, self.run_dir / "profile") as prof:
+            with Profiler(pids, self.run_dir / "profile", gil={"worker-gil": ours.pid("worker")}) as prof:
                 level = await run_level("gateway", gateway, c, self.workload)
             self.profile = {"streams": c, **prof.summaries()}
             return level.to_json()

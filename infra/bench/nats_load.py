@@ -46,12 +46,13 @@ def nats_request(nc: NATS, model_id: str, counter: TokenCounter, timeout: float 
         try:
             await js.publish(subjects.generate_subject(model_id, "normal"), codec.encode(request), timeout=5)
             ttft: float | None = None
+            queued: float | None = None
             text: list[str] = []
             while True:
                 msg = await sub.next_msg(timeout=timeout)
                 match codec.reply_decoder.decode(msg.data):
                     case Accepted():
-                        continue
+                        queued = time.monotonic() - sent
                     case TokenChunk() as chunk:
                         if chunk.chunk and ttft is None:
                             ttft = time.monotonic() - sent
@@ -59,7 +60,14 @@ def nats_request(nc: NATS, model_id: str, counter: TokenCounter, timeout: float 
                     case StreamEnd() as end:
                         duration = time.monotonic() - sent
                         tokens = counter.count("".join(text))
-                        return Sample(ttft, duration, tokens, end.finish_reason, server_tokens=end.completion_tokens)
+                        return Sample(
+                            ttft,
+                            duration,
+                            tokens,
+                            end.finish_reason,
+                            server_tokens=end.completion_tokens,
+                            queued=queued,
+                        )
                     case StreamError() as err:
                         raise RuntimeError(f"{err.code.value}: {err.message}")
         finally:

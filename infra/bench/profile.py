@@ -24,10 +24,16 @@ def py_spy_binary() -> str | None:
 
 
 class Profiler:
-    """`with Profiler({"gateway": pid, ...}, folder):` samples every named process for the block's duration."""
+    """`with Profiler({"gateway": pid, ...}, folder):` samples every named process for the block's duration.
 
-    def __init__(self, pids: dict[str, int], folder: Path, rate: int = 100) -> None:
+    `gil` names processes to sample a second time with `--gil` (only the thread holding the GIL is
+    recorded): in the worker that shows whether the event loop (NATS, detokenizing) gets the GIL at all
+    while the batcher thread runs the model.
+    """
+
+    def __init__(self, pids: dict[str, int], folder: Path, rate: int = 100, gil: dict[str, int] | None = None) -> None:
         self.pids = pids
+        self.gil = gil or {}
         self.folder = folder
         self.rate = rate
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -39,9 +45,12 @@ class Profiler:
             print("  (py-spy not found: no profile taken)", file=sys.stderr)
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        for name, pid in self.pids.items():
+        for name, pid, extra in [
+            *((n, p, []) for n, p in self.pids.items()),
+            *((n, p, ["--gil"]) for n, p in self.gil.items()),
+        ]:
             out = self.folder / f"{name}.pyspy.txt"
-            cmd = [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw"]
+            cmd = [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw", *extra]
             cmd += ["--threads", "--nonblocking", "-o", str(out)]
             with open(self.folder / f"{name}.pyspy.log", "wb") as log:
                 self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, preexec_fn=die_with_parent)

@@ -144,6 +144,7 @@ def table(results: dict[str, Any]) -> str:
                     _f(s["ttft_ms_p99"], ".0f"),
                     _f(s["stream_tps_p50"], ".1f"),
                     _f(s["aggregate_tps"], ".1f"),
+                    "-" if s.get("queued_ms_p50") is None else f"{s['queued_ms_p50']:.0f}/{s['queued_ms_p99']:.0f}",
                     ",".join(f"{k}:{v}" for k, v in sorted(s["finish_reasons"].items())),
                     _f(other.get((target, c)), ".2f"),
                 ]
@@ -165,6 +166,7 @@ def table(results: dict[str, Any]) -> str:
             ],
             arows,
         ),
+        "  queued = p50/p99 wait until a worker accepted the request (seen by the direct NATS client only)",
         "  other load = cores that other users' processes took on average while that level ran",
     ]
     crows = []

@@ -86,6 +86,8 @@ class Sample:
     tokens: int
     finish_reason: str | None
     server_tokens: int | None = None
+    # Seconds from sending until a worker took the request (its Accepted reply); direct NATS only.
+    queued: float | None = None
     error: str = ""
 
     @property
@@ -123,6 +125,7 @@ class LevelResult:
         ok = self.ok
         ttfts = [s.ttft * 1000 for s in ok if s.ttft is not None]
         tps = [t for s in ok if (t := s.decode_tps) is not None]
+        queued = [s.queued * 1000 for s in ok if s.queued is not None]
         tokens = sum(s.tokens for s in ok)
         finishes: dict[str, int] = {}
         for s in ok:
@@ -134,6 +137,8 @@ class LevelResult:
             "ttft_ms_p50": _pct(ttfts, 0.5),
             "ttft_ms_p99": _pct(ttfts, 0.99),
             "stream_tps_p50": _pct(tps, 0.5),
+            "queued_ms_p50": _pct(queued, 0.5),
+            "queued_ms_p99": _pct(queued, 0.99),
             "aggregate_tps": tokens / self.wall_s if self.wall_s > 0 else None,
             "wall_s": self.wall_s,
             "finish_reasons": finishes,
