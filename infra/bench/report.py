@@ -161,6 +161,7 @@ def table(results: dict[str, Any]) -> str:
                 "TTFT p99 ms",
                 "tok/s/stream p50",
                 "agg tok/s",
+                "queued ms",
                 "finish",
                 "other load",
             ],
