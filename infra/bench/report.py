@@ -170,6 +170,14 @@ def table(results: dict[str, Any]) -> str:
         "  queued = p50/p99 wait until a worker accepted the request (seen by the direct NATS client only)",
         "  other load = cores that other users' processes took on average while that level ran",
     ]
+    gw1 = t.get("gateway", {}).get(1)
+    if gw1:
+        tps, ttft = gw1["stream_tps_p50"], gw1["ttft_ms_p50"]
+        parts.append(
+            f"\nSpec targets through the gateway, 1 stream: >= 50 tok/s per stream: {_f(tps, '.1f')} "
+            f"({'met' if tps and tps >= 50 else 'missed'}); TTFT <= 200 ms: {_f(ttft, '.0f')} ms "
+            f"({'met' if ttft is not None and ttft <= 200 else 'missed'})"
+        )
     crows = []
     for level in results["levels"]:
         cpu, tokens = level.get("cpu_s") or {}, level["summary"]["completion_tokens"]
@@ -207,9 +215,13 @@ def table(results: dict[str, Any]) -> str:
 
 def profile_text(profile: dict[str, Any]) -> str:
     """Where the gateway's and the worker's samples went while `streams` streams ran."""
-    parts = [f"\nProfile (py-spy, {profile['streams']} concurrent gateway streams)"]
+    level = profile.get("level") or {}
+    parts = [
+        f"\nProfile (py-spy at 100 Hz, a repeat of the {profile['streams']}-stream gateway level kept out of the "
+        f"tables: {_f(level.get('aggregate_tps'), '.1f')} tok/s under the profiler)"
+    ]
     for name, prof in profile.items():
-        if not isinstance(prof, dict):
+        if not isinstance(prof, dict) or "samples" not in prof:
             continue
         threads = ", ".join(f"{t} {p}%" for t, p in list(prof["threads_pct"].items())[:4])
         parts.append(f"{name}: {prof['samples']} samples; threads: {threads}")

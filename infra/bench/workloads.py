@@ -61,7 +61,7 @@ QUICK = Workload(
     max_new_tokens=64,
     levels=(1, 4, 16),
     nats_levels=(1, 16),
-    inprocess_levels=(1, 16),
+    inprocess_levels=(1, 4, 16),
     rounds=1,
     single_requests=2,
 )
