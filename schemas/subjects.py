@@ -149,6 +149,16 @@ def adapters_of_model(model_id: str) -> str:
     return f"{token(model_id)}.*"
 
 
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def adapters_updates(model_id: str) -> str:
+    """Every put/delete of `model_id`'s adapters, as seen by a plain core-NATS subscription."""
+    return f"$KV.{ADAPTERS_BUCKET}.{adapters_of_model(model_id)}"
+
+
 def training_api_subject(verb: str) -> str:
     """Request/reply for the TrainingService verbs: start, status, cancel, pause, resume, list."""
     return f"{PREFIX}.training.api.{verb}"

@@ -1,7 +1,7 @@
 """LoRA adapters on an engine worker: the registry's static ones and the trained ones registered in the
 adapters KV bucket (`subjects.ADAPTERS_BUCKET`, key `subjects.adapter_key(model_id, name)`).
 
-`AdapterSync` loads every adapter of the worker's model when the worker starts, then watches the bucket
+`AdapterSync` loads every adapter of the worker's model when the worker starts, then follows the bucket
 and loads (or replaces, or drops) adapters as they are registered, so a freshly trained adapter becomes
 usable by name without a restart. Engines implement `register_adapter(name, path)` (and optionally
 `unregister_adapter(name)`); `attach` below is the transformers/peft implementation.
@@ -10,20 +10,26 @@ usable by name without a restart. Engines implement `register_adapter(name, path
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode
-from schemas.training import adapter_decoder
-from services import streams
+from schemas.training import AdapterRecord, adapter_decoder
 
 log = structlog.get_logger()
+
+# Seconds between full re-reads of the adapters bucket (catches changes missed while disconnected).
+RESYNC_S = 30.0
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -61,22 +67,32 @@ def detach(model: Any, name: str, _path: str = "") -> Any:
 
 # --- the worker side ----------------------------------------------------------------------------
 class AdapterSync:
-    """Keeps `engine`'s adapters in step with the registry and the adapters bucket for `model_id`."""
+    """Keeps `engine`'s adapters in step with the registry and the adapters bucket for `model_id`.
+
+    Live changes arrive on a plain core-NATS subscription to the bucket's subjects (no JetStream consumer
+    per worker: nothing to re-create when a cluster node dies); a full re-read at start and every
+    `resync_s` catches whatever was missed while disconnected.
+    """
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         engine: Any,
         model_id: str,
         static: dict[str, str],
         on_change: Callable[[], Awaitable[None]],
+        *,
+        resync_s: float = RESYNC_S,
     ) -> None:
-        self.js = js
+        self.nc = nc
         self.engine = engine
         self.model_id = model_id
         self.static = static
         self.on_change = on_change
-        self._watcher: Any = None
+        self.resync_s = resync_s
+        self._loaded: dict[str, tuple[str, int]] = {}  # trained adapters: name -> (path, created_ms)
+        self._lock = asyncio.Lock()
+        self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -90,54 +106,97 @@ class AdapterSync:
             return
         for name, path in self.static.items():
             await self._load(name, path)
-        kv = await streams.ensure_adapters_bucket(self.js)
-        self._watcher = await kv.watch(subjects.adapters_of_model(self.model_id))
-        while (entry := await self._watcher.updates(timeout=30)) is not None:
-            await self._apply(entry)
-            if entry.delta == 0:
-                break
-        self._task = asyncio.create_task(self._follow(), name="adapters")
+        # The bucket is the trainer's to create; until it exists there is simply nothing to load.
+        self._sub = await self.nc.subscribe(subjects.adapters_updates(self.model_id), cb=self._on_update)
+        try:
+            await self.resync()
+        except Exception as exc:  # JetStream unavailable right now: serve without them, retry soon
+            log.warning("adapters_resync_failed", error=repr(exc))
+        self._task = asyncio.create_task(self._resync_loop(), name="adapters-resync")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._watcher is not None:
-            try:
-                await self._watcher.stop()
-            except Exception:
-                pass
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
 
-    async def _follow(self) -> None:
-        async for entry in self._watcher:
-            if entry is None:
-                continue
-            if await self._apply(entry):
-                try:
-                    await self.on_change()
-                except Exception as exc:
-                    log.warning("adapters_announce_failed", error=repr(exc))
-
-    async def _apply(self, entry: Any) -> bool:
-        """One bucket entry -> load or drop; True when the engine's adapters changed."""
-        name = subjects.untoken(entry.key.split(".", 1)[1])
-        if entry.operation in ("DEL", "PURGE"):
-            unregister = getattr(self.engine, "unregister_adapter", None)
-            if unregister is None or name in self.static:
-                return False
-            await unregister(name)
-            log.info("adapter_dropped", model_id=self.model_id, adapter=name)
-            return True
+    async def resync(self) -> bool:
+        """Load what is registered and not loaded (or changed), drop what was deleted. True on change."""
+        js = self.nc.jetstream()
         try:
-            record = adapter_decoder.decode(entry.value)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("adapter_record_undecodable", key=entry.key, error=repr(exc))
+            # Stream info lists the keys without creating a consumer (kv.keys() would, on every resync).
+            info = await js.stream_info(
+                subjects.kv_stream(subjects.ADAPTERS_BUCKET), subjects_filter=subjects.adapters_updates(self.model_id)
+            )
+            kv = await js.key_value(subjects.ADAPTERS_BUCKET)
+        except NotFoundError:
+            info, kv = None, None
+        bucket_prefix = f"$KV.{subjects.ADAPTERS_BUCKET}."
+        found = (info.state.subjects or {}) if info is not None else {}
+        keys = [subject.removeprefix(bucket_prefix) for subject in found]
+        changed = False
+        present: set[str] = set()
+        for key in keys:
+            assert kv is not None
+            try:
+                entry = await kv.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+            record = _decode(key, entry.value)
+            if record is not None:
+                present.add(record.name)
+                changed |= await self._apply(record)
+        for name in set(self._loaded) - present:
+            changed |= await self._drop(name)
+        return changed
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_s)
+            try:
+                if await self.resync():
+                    await self.on_change()
+            except Exception as exc:  # disconnected or a cluster election: try again next round
+                log.warning("adapters_resync_failed", error=repr(exc))
+
+    async def _on_update(self, msg: Msg) -> None:
+        key = msg.subject.removeprefix(f"$KV.{subjects.ADAPTERS_BUCKET}.")
+        op = (msg.headers or {}).get("KV-Operation")
+        if op in ("DEL", "PURGE"):
+            changed = await self._drop(subjects.untoken(key.split(".", 1)[1]))
+        else:
+            record = _decode(key, msg.data)
+            changed = record is not None and await self._apply(record)
+        if changed:
+            try:
+                await self.on_change()
+            except Exception as exc:
+                log.warning("adapters_announce_failed", error=repr(exc))
+
+    async def _apply(self, record: AdapterRecord) -> bool:
+        if self._loaded.get(record.name) == (record.path, record.created_ms):
             return False
-        return await self._load(record.name, record.path)
+        if await self._load(record.name, record.path):
+            self._loaded[record.name] = (record.path, record.created_ms)
+            return True
+        return False
+
+    async def _drop(self, name: str) -> bool:
+        unregister = getattr(self.engine, "unregister_adapter", None)
+        if name not in self._loaded or name in self.static or unregister is None:
+            return False
+        async with self._lock:
+            await unregister(name)
+        del self._loaded[name]
+        log.info("adapter_dropped", model_id=self.model_id, adapter=name)
+        return True
 
     async def _load(self, name: str, path: str) -> bool:
         try:
-            await self.engine.register_adapter(name, path)
+            async with self._lock:
+                await self.engine.register_adapter(name, path)
         except CyError as exc:
             log.error("adapter_load_failed", model_id=self.model_id, adapter=name, path=path, error=exc.body.message)
             return False
@@ -146,3 +205,11 @@ class AdapterSync:
             return False
         log.info("adapter_loaded", model_id=self.model_id, adapter=name, path=path)
         return True
+
+
+def _decode(key: str, data: bytes | None) -> AdapterRecord | None:
+    try:
+        return adapter_decoder.decode(data or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("adapter_record_undecodable", key=key, error=repr(exc))
+        return None

@@ -123,7 +123,7 @@ class Worker:
                 await asyncio.to_thread(_ensure_model_files, self.spec)
             await self.engine.start()
             # Registry and trained adapters load before "ready"; later ones as they are registered.
-            self._adapters = AdapterSync(js, self.engine, self.model_id, self.spec.adapters, self._announce)
+            self._adapters = AdapterSync(self.nc, self.engine, self.model_id, self.spec.adapters, self._announce)
             await self._adapters.start()
         except CyError as exc:
             self._status, self._error = "failed", exc.body.message
