@@ -242,6 +242,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     t = by_target(results)
@@ -269,6 +270,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax_tps.set_title("Throughput")
     ax_ttft.set_ylabel("time to first token, ms (p50 solid, p99 dashed)")
     ax_ttft.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax_ttft.yaxis.set_major_formatter(plain)
+    ax_ttft.yaxis.set_minor_formatter(plain)
     ax_ttft.set_title("TTFT")
     facts = results["facts"]
     fig.suptitle(
