@@ -138,6 +138,7 @@ class TrainingJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     control: ControlAction | Literal[""] = ""
     owner: str = ""  # trainer id while running
     attempt: int = 0  # times a trainer took the job
+    restarts: int = 0  # times a trainer took it over from one that died (or stalled) mid-job
     ticket: int = 0  # the queue ticket that may run the job; older tickets are stale
     checkpoint_step: int = 0
     train_rows: int = 0

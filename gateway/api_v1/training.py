@@ -252,7 +252,7 @@ async def _events(
         config=config,
     )
     try:
-        pending = (await sub.consumer_info()).num_pending + sub.delivered
+        pending = ((await sub.consumer_info()).num_pending or 0) + sub.delivered
         if not follow and pending == 0:
             yield SSE_DONE
             return

@@ -129,7 +129,8 @@ class _Run:
 
         torch.manual_seed(hp.seed)
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype).to(self.device)
+        base: Any = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype)
+        base = base.to(self.device)
         self.model = self._wrap(base)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)

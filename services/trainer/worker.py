@@ -59,10 +59,10 @@ class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
     # torch CPU threads while training (0 = torch's default: one per core). On a CPU shared with other
     # busy processes fewer threads than cores can be much faster (spinning OpenMP threads get preempted).
     trainer_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
-    # A job whose trainer died this many times in a row fails instead of being tried again.
-    trainer_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # A job whose trainers died this many times (a job that kills its trainer) fails instead of looping.
+    trainer_max_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     # On SIGTERM: seconds to checkpoint the running job and hand it back to the queue.
-    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    trainer_drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 class _Bridge:
@@ -131,14 +131,15 @@ class Trainer:
         log.info("trainer_ready", datasets=str(self.roots.datasets), outputs=str(self.roots.outputs))
 
     async def stop(self) -> None:
-        """Checkpoint and requeue the running job (bounded by drain_timeout), then disconnect. Idempotent."""
+        """Checkpoint and requeue the running job (bounded by trainer_drain_timeout), then disconnect.
+        Idempotent."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         if self._bridge is not None:
             self._bridge.ask("stop")
-        await self._tasks.close(timeout=self.settings.drain_timeout)
+        await self._tasks.close(timeout=self.settings.trainer_drain_timeout)
         if self.nc is not None and not self.nc.is_closed:
             # A pull answered after its fetch gave up (a 408, or a job: delivered again later) would hold
             # drain() for its whole timeout: drop the pull subscription first.
@@ -186,8 +187,10 @@ class Trainer:
             log.info("training_ticket_stale", job_id=job.job_id, status=job.status)
             await msg.ack()
             return
-        if job.attempt >= self.settings.trainer_max_attempts:
-            error = CyError(ErrorCode.INTERNAL_ERROR, f"gave up after {job.attempt} attempts (trainers kept dying)")
+        if job.status == "running" and job.restarts >= self.settings.trainer_max_restarts:
+            error = CyError(
+                ErrorCode.INTERNAL_ERROR, f"gave up after {job.attempt} attempts: its trainers kept dying mid-job"
+            )
             await self._finish_failed(job.job_id, error, force=True)
             await msg.ack()
             return
@@ -204,6 +207,8 @@ class Trainer:
     def _claim(self, job: TrainingJob, ticket: int) -> TrainingJob | None:
         if job.ticket != ticket or job.status not in ("queued", "running"):
             return None
+        if job.status == "running":  # its trainer died or stalled past the ack wait
+            job.restarts += 1
         job.status, job.owner, job.attempt = "running", self.trainer_id, job.attempt + 1
         job.started_ms = job.started_ms or now_ms()
         job.message = "Training job is running"

@@ -186,6 +186,6 @@ async def read_job(nats_url: str, job_id: str) -> TrainingJob:
     nc = await nats.connect(nats_url)
     try:
         kv = await nc.jetstream().key_value(subjects.TRAINING_JOBS_BUCKET)
-        return job_decoder.decode((await kv.get(subjects.job_key(job_id))).value)
+        return job_decoder.decode((await kv.get(subjects.job_key(job_id))).value or b"")
     finally:
         await nc.drain()

@@ -89,7 +89,7 @@ def test_only_assistant_tokens_carry_labels_and_the_template_matches_inference(r
     example = datasets.Example(1, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A!"}])
     encoded = datasets.encode(example, tokenizer, 256)
     assert encoded is not None
-    learned = tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
+    learned = str(tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX]))
     assert learned.startswith("A!<|im_end|>")
     # The prompt part is exactly what the engine feeds the model for a chat request.
     prompt = tokenizer.apply_chat_template(

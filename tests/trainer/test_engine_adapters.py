@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 import torch
 
-from schemas.errors import CyError
+from schemas import codec, subjects
+from schemas.errors import CyError, ErrorCode
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
+from schemas.training import AdapterRecord
+from services import streams
+from services.engine.adapters import AdapterSync
 from services.engine.registry import Registry
 from services.engine.transformers_engine import TransformersEngine
+from tests.helpers import NatsServer, wait_until
+from tests.trainer.helpers import unique
 
 GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
 PROMPT = "Tell me a story about a cat."
@@ -26,7 +34,7 @@ def make_adapter(model_path: str, target: Path, seed: int) -> str:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_path)
     config = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(target)
+    get_peft_model(base, config).save_pretrained(str(target))
     return str(target)
 
 
@@ -89,3 +97,64 @@ async def test_a_directory_without_an_adapter_is_refused_and_the_engine_keeps_se
         await engine.register_adapter("broken", str(tmp_path))
     assert not engine.has_adapter("broken")
     assert await run(engine, "") != []
+
+
+class RecordingEngine:
+    """Stands in for an engine: the sync logic is the subject here (the real engine is tested above)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, str] = {}
+        self.calls: list[str] = []
+
+    async def register_adapter(self, name: str, path: str) -> None:
+        if path.endswith("broken"):
+            raise CyError(ErrorCode.INVALID_REQUEST, "no LoRA adapter")
+        self.loaded[name] = path
+        self.calls.append(f"+{name}")
+
+    async def unregister_adapter(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        self.calls.append(f"-{name}")
+
+
+async def test_workers_follow_the_adapters_bucket_live_and_a_resync_catches_what_they_missed(
+    nats_server: NatsServer,
+) -> None:
+    model = unique("stub-model")
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await streams.ensure_adapters_bucket(nc.jetstream())
+
+        async def put(name: str, path: str) -> None:
+            record = AdapterRecord(model_id=model, name=name, path=path, created_ms=time.time_ns())
+            await kv.put(subjects.adapter_key(model, name), codec.encode(record))
+
+        await put("early-one", "/a/early")
+        await put("bad-one", "/a/broken")
+        engine = RecordingEngine()
+        changes: list[int] = []
+
+        async def on_change() -> None:
+            changes.append(1)
+
+        sync = AdapterSync(nc, engine, model, {"from-registry": "/a/static"}, on_change, resync_s=3600)
+        await sync.start()
+        # Registry adapters and those already registered load at start; a broken one is skipped.
+        assert engine.loaded == {"from-registry": "/a/static", "early-one": "/a/early"}
+
+        await put("late-one", "/a/late")
+        await wait_until(lambda: "late-one" in engine.loaded)
+        await kv.delete(subjects.adapter_key(model, "early-one"))
+        await wait_until(lambda: "early-one" not in engine.loaded)
+        assert len(changes) == 2
+
+        await sync.stop()  # missed while "disconnected": a new one and a deletion
+        await put("missed-one", "/a/missed")
+        await kv.delete(subjects.adapter_key(model, "late-one"))
+        assert await sync.resync()
+        assert engine.loaded == {"from-registry": "/a/static", "missed-one": "/a/missed"}
+        assert not await sync.resync()  # nothing changed since: nothing reloaded
+    finally:
+        await nc.drain()

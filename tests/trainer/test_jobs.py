@@ -16,18 +16,29 @@ from schemas.training import (
     HyperParams,
     JobReply,
     ListJobs,
+    ListReply,
     LoraConfig,
     StartTraining,
     TrainingEvent,
+    TrainingJob,
     adapter_decoder,
     event_decoder,
     reply_decoder,
 )
+from services.engine.registry import Registry
 from services.trainer.jobs import JobService
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import NatsServer
-from tests.trainer.helpers import unique, varied_rows, wait_finished, wait_job, write_jsonl
+from tests.trainer.helpers import (
+    running_trainer,
+    trainer_settings,
+    unique,
+    varied_rows,
+    wait_finished,
+    wait_job,
+    write_jsonl,
+)
 
 FAST_LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
@@ -87,7 +98,7 @@ async def test_a_job_trains_checkpoints_evaluates_and_registers_its_adapter_as_l
     adapter_dir = roots.outputs / req.output_dir / "adapter"
     assert (adapter_dir / "adapter_config.json").exists()
     kv = await jobs.js.key_value(subjects.ADAPTERS_BUCKET)
-    record = adapter_decoder.decode((await kv.get(subjects.adapter_key("tiny", job.adapter_name))).value)
+    record = adapter_decoder.decode((await kv.get(subjects.adapter_key("tiny", job.adapter_name))).value or b"")
     assert record == AdapterRecord(
         model_id="tiny", name=req.output_dir, path=str(adapter_dir), job_id=job.job_id, created_ms=record.created_ms
     )
@@ -111,13 +122,11 @@ async def test_cancel_stops_a_running_job_within_one_step_and_frees_the_trainer(
 
 
 async def test_a_queued_job_cancelled_before_any_trainer_runs_is_skipped(
-    nats_server: NatsServer, registry: object, jobs: JobService, roots: Roots
+    nats_server: NatsServer, registry: Registry, jobs: JobService, roots: Roots
 ) -> None:
-    from tests.trainer.helpers import running_trainer
-
     job = await jobs.start(request(roots))
     assert (await jobs.cancel(job.job_id)).status == "cancelled"
-    async with running_trainer(nats_server.url, registry, roots) as t:  # type: ignore[arg-type]
+    async with running_trainer(nats_server.url, registry, roots) as t:
         later = await jobs.start(request(roots, epochs=1))
         assert (await wait_finished(jobs, later.job_id)).status == "completed"
         assert t.current_job is None
@@ -168,13 +177,11 @@ async def test_resume_refuses_running_queued_and_finished_jobs(jobs: JobService,
 
 
 async def test_a_dataset_broken_after_start_fails_the_job_and_the_trainer_keeps_serving(
-    nats_server: NatsServer, registry: object, jobs: JobService, roots: Roots
+    nats_server: NatsServer, registry: Registry, jobs: JobService, roots: Roots
 ) -> None:
-    from tests.trainer.helpers import running_trainer
-
     job = await jobs.start(request(roots))
     (roots.datasets / job.dataset_path).write_text('{"instruction": "fine", "output": "x"}\n{"instruction": 1}\n')
-    async with running_trainer(nats_server.url, registry, roots) as t:  # type: ignore[arg-type]
+    async with running_trainer(nats_server.url, registry, roots) as t:
         failed = await wait_finished(jobs, job.job_id)
         assert failed.status == "failed"
         assert failed.error is not None and failed.error.code == ErrorCode.INVALID_REQUEST
@@ -202,7 +209,7 @@ async def test_direct_nats_publishers_use_the_training_service_verbs(
         status = await call("status", {"job_id": started.job.job_id})
         assert isinstance(status, JobReply) and status.job.job_id == started.job.job_id
         listed = await call("list", {"limit": 1})
-        assert not isinstance(listed, ErrorReply) and listed.total >= 1 and len(listed.jobs) == 1  # type: ignore[union-attr]
+        assert isinstance(listed, ListReply) and listed.total >= 1 and len(listed.jobs) == 1
         missing = await call("status", {"job_id": "job-nope"})
         assert isinstance(missing, ErrorReply) and missing.error.code == ErrorCode.TRAINING_JOB_NOT_FOUND
         escape = await call("start", {**req, "dataset_path": "../../etc/passwd"})
@@ -225,7 +232,7 @@ async def test_list_reads_the_bucket_newest_first_with_filter_and_total_while_no
     assert total == len(everything)
     order = [j.job_id for j in everything if j.job_id in ids]
     assert order == ids[::-1]  # newest first
-    pages = []
+    pages: list[str] = []
     for offset in range(0, total, 2):
         page, page_total = await jobs.list(ListJobs(limit=2, offset=offset))
         assert page_total == total and len(page) <= 2
@@ -272,3 +279,36 @@ def test_lora_config_wins_over_the_hyper_params_copies() -> None:
         ["q_proj"],
         "lora_only",
     )
+
+
+async def test_a_trainer_that_shuts_down_checkpoints_and_requeues_its_job_for_the_next_one(
+    nats_server: NatsServer, registry: Registry, jobs: JobService, roots: Roots
+) -> None:
+    job = await jobs.start(request(roots, epochs=10, save_steps=1000))
+    first = Trainer(trainer_settings(nats_url=nats_server.url, roots=roots), registry=registry)
+    await first.start()
+    await wait_job(jobs, job.job_id, lambda j: j.progress.step >= 3)
+    await first.stop()  # what SIGTERM does
+    requeued = await jobs.get(job.job_id)
+    assert requeued.status == "queued" and requeued.owner == "" and requeued.checkpoint_step >= 3
+    async with running_trainer(nats_server.url, registry, roots):
+        done = await wait_finished(jobs, job.job_id)
+    assert done.status == "completed" and done.progress.step == 40
+    assert (done.attempt, done.restarts) == (2, 0)  # a handover, not a crash
+    kinds = [e.kind for e in await events_of(nats_server.url, job.job_id)]
+    assert "requeued" in kinds and kinds.index("requeued") < kinds.index("resumed")
+
+
+async def test_a_job_whose_trainers_keep_dying_fails_instead_of_looping(
+    nats_server: NatsServer, registry: Registry, jobs: JobService, roots: Roots
+) -> None:
+    job = await jobs.start(request(roots))
+
+    def ghost_owned(record: TrainingJob) -> TrainingJob:
+        record.status, record.owner, record.attempt, record.restarts = "running", "ghost", 2, 1
+        return record
+
+    await jobs.mutate(job.job_id, ghost_owned)  # as if its trainers had died twice
+    async with running_trainer(nats_server.url, registry, roots, trainer_max_restarts=1):
+        failed = await wait_finished(jobs, job.job_id)
+    assert failed.status == "failed" and "kept dying" in failed.message

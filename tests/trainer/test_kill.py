@@ -101,7 +101,7 @@ async def test_a_trainer_killed_mid_job_leaves_it_to_the_next_which_resumes_to_t
         assert heir.current_job is None
     assert done.status == "completed", done.message
     assert done.progress.step == done.progress.total_steps == STEPS
-    assert done.attempt == 2 and done.owner == ""
+    assert (done.attempt, done.restarts, done.owner) == (2, 1, "")
     assert done.progress.elapsed_s >= killed_at.progress.elapsed_s
 
     events = await events_of(nats_server.url, job.job_id)
