@@ -312,3 +312,12 @@ async def test_a_job_whose_trainers_keep_dying_fails_instead_of_looping(
     async with running_trainer(nats_server.url, registry, roots, trainer_max_restarts=1):
         failed = await wait_finished(jobs, job.job_id)
     assert failed.status == "failed" and "kept dying" in failed.message
+
+
+async def test_target_modules_the_model_lacks_fail_the_job_with_a_message_naming_the_field(
+    jobs: JobService, trainer: Trainer, roots: Roots
+) -> None:
+    req = msgspec.structs.replace(request(roots), lora_config=LoraConfig(target_modules=["nope_proj"]))
+    failed = await wait_finished(jobs, (await jobs.start(req)).job_id)
+    assert failed.status == "failed" and "loraConfig.targetModules" in failed.message
+    assert failed.error is not None and failed.error.code == ErrorCode.INVALID_REQUEST
