@@ -88,10 +88,16 @@ def table(results: dict[str, Any]) -> str:
         parts.append("engine environment: " + " ".join(f"{k}={v}" for k, v in results["engine_env"].items()))
     other = results.get("other_load")
     if other and "other_cpu_s" in other:
+        busy = other["other_cores_avg"] > 0.2
+        verdict = (
+            "the figures below are distorted, ratios included (torch's threads stall when a core is taken): "
+            "rerun on a quiet machine or compare levels with a low 'other load'"
+            if busy
+            else "a quiet machine"
+        )
         parts.append(
             f"other processes used {other['other_cpu_s']} CPU-s during the {other['wall_s']} s run "
-            f"(~{other['other_cores_avg']} of {facts['cores']} cores on average): "
-            "absolute figures are noisy, ratios less so"
+            f"(~{other['other_cores_avg']} of {facts['cores']} cores on average): {verdict}"
         )
         for label, cpu in other.get("top_processes", []):
             parts.append(f"  {cpu:7.1f} CPU-s  {label}")
