@@ -175,6 +175,14 @@ def table(results: dict[str, Any]) -> str:
         ),
         "  queued = p50/p99 wait until a worker accepted the request (seen by the direct NATS client only)",
         "  other load = cores that other users' processes took on average while that level ran",
+        *(
+            [
+                f"  levels above {results['slots']} streams: our worker (and the in-process engine) run at most "
+                f"{results['slots']} sequences at once (CY_LLM_SLOTS); the rest wait in the queue, and TTFT shows it"
+            ]
+            if max(results["workload"]["levels"]) > results["slots"]
+            else []
+        ),
     ]
     gw1 = t.get("gateway", {}).get(1)
     if gw1:
