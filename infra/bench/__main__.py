@@ -105,6 +105,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.levels: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
+        self.profiled_repeat: Callable[[int], Awaitable[None]] | None = None
         self.env = dict(item.split("=", 1) for item in args.engine_env)
         if args.threads:
             self.env["OMP_NUM_THREADS"] = str(args.threads)
@@ -120,6 +121,8 @@ class Bench:
                 for name, (levels, runner) in self.targets.items():
                     if c in levels:
                         self.levels.append(await self._level(name, runner, c))
+                    if name == "gateway" and c == self.args.profile and self.profiled_repeat is not None:
+                        await self.profiled_repeat(c)
             stage("stopping")
 
     async def _level(self, name: str, runner: LevelRunner, concurrency: int) -> dict[str, Any]:
@@ -162,14 +165,16 @@ class Bench:
             return (await run_level("nats", direct, c, self.workload)).to_json()
 
         async def gateway_level(c: int) -> dict[str, Any]:
-            level = await run_level("gateway", gateway, c, self.workload)
-            if c == self.args.profile:  # a repeat under py-spy, kept out of the table (sampling costs CPU)
-                pids = {"gateway": ours.pid("gateway"), "worker": ours.pid("worker")}
-                with Profiler(pids, self.run_dir / "profile", gil={"worker-gil": ours.pid("worker")}) as prof:
-                    profiled = await run_level("gateway, py-spy", gateway, c, self.workload)
-                self.profile = {"streams": c, "level": profiled.summary(), **prof.summaries()}
-            return level.to_json()
+            return (await run_level("gateway", gateway, c, self.workload)).to_json()
 
+        async def profiled_repeat(c: int) -> None:
+            """The level again under py-spy, kept out of the tables (sampling costs CPU)."""
+            pids = {"gateway": ours.pid("gateway"), "worker": ours.pid("worker")}
+            with Profiler(pids, self.run_dir / "profile", gil={"worker-gil": ours.pid("worker")}) as prof:
+                profiled = await run_level("gateway, py-spy", gateway, c, self.workload)
+            self.profile = {"streams": c, "level": profiled.summary(), **prof.summaries()}
+
+        self.profiled_repeat = profiled_repeat
         self.targets["nats"] = (self.workload.nats_levels, nats_level)
         self.targets["gateway"] = (self.workload.levels, gateway_level)
         pids = {"engine": ours.pid("worker"), "gateway": ours.pid("gateway"), "nats-server": ours.pid("nats")}
