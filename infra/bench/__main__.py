@@ -6,8 +6,9 @@ Starts, one after the other (so each start is timed on its own):
   3. the peer, `transformers serve --continuous-batching`, on the same model folder.
 Then, for each concurrency level in turn, runs every target at that level back to back (in-process,
 direct NATS, gateway, peer): same prompts, greedy decoding, fixed output length. Interleaving by level
-means a burst of load from other users of the machine hits neighbouring figures alike, so the ratios
-between targets hold better than the absolute figures.
+puts the figures that are compared close together in time. On a machine shared with other work that is
+not enough (torch's two threads stall whenever another process takes a core), so every level also
+reports how many cores other processes took while it ran: trust the levels where that is near 0.
 Writes bench-results/bench-<time>-<mode>.{json,png} plus a folder with every component's log, and
 prints the table.
 """
@@ -57,8 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch threads for every engine (OMP_NUM_THREADS); default: torch's own choice, as in production. "
-        "On a machine shared with other work, --threads 1 keeps figures steadier (no OpenMP barrier stalls)",
+        help="torch threads for every engine (OMP_NUM_THREADS); default: torch's own choice, as in production",
     )
     parser.add_argument(
         "--profile",
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="STREAMS",
         nargs="?",
         const=16,
-        help="py-spy the gateway and the worker during the gateway level with STREAMS streams (default 16)",
+        help="after the gateway level with STREAMS streams (default 16), run it once more under py-spy "
+        "(gateway and worker; kept out of the tables) and print where the time went",
     )
     parser.add_argument(
         "--engine-env",
