@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import structlog
+from nats.errors import ConnectionReconnectingError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -12,11 +19,25 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
 from services.runtime import SettingsError
+
+T = TypeVar("T")
+log = structlog.get_logger("streams")
+
+# How long a service keeps retrying stream/bucket/consumer setup while JetStream is unavailable (a
+# cluster electing a new meta leader after a node died, a server still starting up).
+ADMIN_RETRY_S = 60.0
+_TRANSIENT = (
+    NatsTimeoutError,
+    NoRespondersError,
+    ConnectionReconnectingError,
+    ServiceUnavailableError,
+    ServerError,
+)
 
 # Requests older than this are dropped by the server (clients gave up long before).
 REQUEST_MAX_AGE_S = 600.0
@@ -32,8 +53,29 @@ def replicas() -> int:
     return int(value)
 
 
+async def admin(op: Callable[[], Awaitable[T]], what: str, deadline_s: float = ADMIN_RETRY_S) -> T:
+    """Run a JetStream admin call, retrying while JetStream is temporarily unavailable (timeouts, no
+    responders, 503/500 answers: what a cluster returns during a leader election). Other errors, and the
+    last transient one after `deadline_s`, propagate."""
+    give_up = time.monotonic() + deadline_s
+    delay = 0.2
+    while True:
+        try:
+            return await op()
+        except _TRANSIENT as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            log.warning("jetstream_unavailable_retrying", what=what, error=repr(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     config.num_replicas = replicas()
+    await admin(lambda: _ensure_stream(js, config), f"stream {config.name}")
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError as exc:
@@ -61,6 +103,10 @@ async def ensure_generate_stream(js: JetStreamContext, max_size: int) -> None:
 async def ensure_bucket(
     js: JetStreamContext, bucket: str, *, ttl: float | None = None, storage: StorageType = StorageType.FILE
 ) -> KeyValue:
+    return await admin(lambda: _ensure_bucket(js, bucket, ttl, storage), f"bucket {bucket}")
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: str, ttl: float | None, storage: StorageType) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BadRequestError):
@@ -117,13 +163,11 @@ async def ensure_training_consumer(js: JetStreamContext, ack_wait: float) -> Non
     trainer keeps acking "in progress"; `ack_wait` after the last one it is delivered again."""
     from nats.js.api import AckPolicy, ConsumerConfig
 
-    await js.add_consumer(
-        subjects.TRAINING_QUEUE_STREAM,
-        ConsumerConfig(
-            durable_name=subjects.TRAINING_QUEUE_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=-1,
-        ),
+    config = ConsumerConfig(
+        durable_name=subjects.TRAINING_QUEUE_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        max_ack_pending=-1,
     )
+    await admin(lambda: js.add_consumer(subjects.TRAINING_QUEUE_STREAM, config), "training consumer")

@@ -21,8 +21,10 @@ from schemas import subjects
 
 
 async def main(prompt: str, model_id: str) -> int:
-    nc = await nats.connect(os.environ.get("CY_LLM_NATS_URL", "nats://127.0.0.1:4222"),
-                            token=os.environ.get("CY_LLM_INTERNAL_TOKEN") or None)
+    nc = await nats.connect(
+        os.environ.get("CY_LLM_NATS_URL", "nats://127.0.0.1:4222"),
+        token=os.environ.get("CY_LLM_INTERNAL_TOKEN") or None,
+    )
     js = nc.jetstream()
     trace_id = f"pub-{uuid.uuid4().hex}"
     # 1. Subscribe to the reply subject BEFORE publishing, so no chunk can be missed.

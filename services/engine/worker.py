@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import time
+from functools import partial
 from typing import Annotated, Any
 
 import msgspec
@@ -143,17 +144,15 @@ class Worker:
             for t in subjects.TIERS
         ]
         for name, filter_subject, inactive in wanted:
-            await js.add_consumer(
-                subjects.GENERATE_STREAM,
-                ConsumerConfig(
-                    durable_name=name,
-                    filter_subject=filter_subject,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30,
-                    max_ack_pending=-1,
-                    inactive_threshold=inactive,
-                ),
+            config = ConsumerConfig(
+                durable_name=name,
+                filter_subject=filter_subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_ack_pending=-1,
+                inactive_threshold=inactive,
             )
+            await streams.admin(partial(js.add_consumer, subjects.GENERATE_STREAM, config), f"consumer {name}")
         self._consumers = [name for name, _, _ in wanted]
 
     async def stopped(self) -> None:
