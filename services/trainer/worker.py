@@ -36,7 +36,7 @@ from schemas.training import (
 )
 from services import streams
 from services.engine.registry import Registry, load_registry
-from services.runtime import NatsSettings, Tasks, connect_nats
+from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
 from services.trainer import loop
 from services.trainer.jobs import JobService, now_ms
 from services.trainer.paths import Roots, confine
@@ -147,7 +147,7 @@ class Trainer:
                 await self._queue.unsubscribe()
             except Exception:
                 pass
-            await self.nc.drain()
+        await close_nats(self.nc)
         self._stopped.set()
         log.info("trainer_stopped")
 
