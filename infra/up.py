@@ -1,7 +1,7 @@
 """`just up`: the whole stack in the foreground on its embedded defaults.
 
 Starts nats-server (JetStream, store under the data folder), one engine worker for the default model,
-and the gateway (/api/v1 on 8080, /v1 on 8000). Creates the API key and the internal NATS token once
+one LoRA trainer, and the gateway (/api/v1 on 8080, /v1 on 8000). Creates the API key and the internal NATS token once
 (stored under the data folder) when they are not set. Ctrl-C stops everything in order.
 """
 
@@ -79,6 +79,10 @@ def main() -> int:
     for i in range(workers):
         wenv = dict(env, CY_LLM_WORKER_ID=env.get("CY_LLM_WORKER_ID", f"worker-{i + 1}"))
         procs.append(subprocess.Popen([sys.executable, "-m", "services.engine"], env=wenv))
+    # The trainer idles until a job arrives (LoRA jobs: /api/v1/training/start); CY_LLM_TRAINERS=0 leaves it out.
+    for i in range(int(env.get("CY_LLM_TRAINERS", "1"))):
+        tenv = dict(env, CY_LLM_TRAINER_ID=env.get("CY_LLM_TRAINER_ID", f"trainer-{i + 1}"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.trainer"], env=tenv))
     procs.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=env))
 
     stop = False
