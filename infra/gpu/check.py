@@ -200,7 +200,9 @@ async def batch_invariance(engine: Any, n: int, max_new: int) -> dict[str, Any]:
     diverge = {}
     for k, (a, b) in enumerate(zip(alone, together, strict=True)):
         if a != b:
-            diverge[str(k)] = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            diverge[str(k)] = next(
+                (j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+            )
     return {
         "prompts": n,
         "max_new_tokens": max_new,
@@ -298,7 +300,11 @@ async def _stack_levels(stack: Any, model_id: str, model_dir: Path, args: argpar
     async def gateway_one(prompt: str, max_new_tokens: int) -> Sample:
         # As infra/bench/gateway_load.py, but the SSE stream carries no token count and random-weight text
         # does not re-encode to the same count: a `length` finish is max_new_tokens tokens (no EOS possible).
-        body = {"modelId": "default", "prompt": prompt, "generation": {"temperature": 0, "maxNewTokens": max_new_tokens}}
+        body = {
+            "modelId": "default",
+            "prompt": prompt,
+            "generation": {"temperature": 0, "maxNewTokens": max_new_tokens},
+        }
         sent, ttft, finish, text = time.monotonic(), None, None, []
         async for event in sse_events(client, url, body, headers):
             if "error" in event:
@@ -403,24 +409,67 @@ def trainer_phase(model_dir: Path, root: Path, args: argparse.Namespace) -> dict
     times = [b[0] - a[0] for a, b in zip([(begin, "", {}), *steps], steps, strict=False)]
     measured = times[1:] or times
     toks = tokens[1 : len(times)] or tokens[: len(times)]
-    # The loop's own rate: sum(tokens)/sum(its per-step elapsed) over its window; back out its elapsed sum.
+    # The loop's own rate after step k is sum(tokens)/sum(its per-step elapsed) over its window (<= 20
+    # steps): back its per-step `elapsed` out of the successive rates to compare it with the wall clock.
     loop_tps = steps[-1][2]["tps"] if steps else None
+    spent = [sum(tokens[: k + 1]) / e[2]["tps"] for k, e in enumerate(steps[:20]) if e[2]["tps"]]
+    loop_elapsed = [b - a for a, b in zip([0.0, *spent], spent, strict=False)][1:]
     return {
         "result": outcome.result,
         "steps": len(steps),
         "batch": args.train_batch,
         "max_seq_length": args.train_seq,
         "model_dtype": dtypes[0] if dtypes else None,
-        "lora": {"r": plan.lora.r, "alpha": plan.lora.lora_alpha, "targets": plan.lora.target_modules or "peft default"},
+        "lora": {
+            "r": plan.lora.r,
+            "alpha": plan.lora.lora_alpha,
+            "targets": plan.lora.target_modules or "peft default",
+        },
         "tokens_per_step": tokens,
         "first_step_s": round(times[0], 3) if times else None,
         "s_per_step_median": round(statistics.median(measured), 4) if measured else None,
         "wall_tokens_per_s": round(sum(toks) / sum(measured), 1) if measured else None,
         "loop_reported_tokens_per_s_last": loop_tps,
-        "loop_reported_includes_first_step": True,
+        "loop_own_s_per_step_median": round(statistics.median(loop_elapsed), 4) if loop_elapsed else None,
         "loss_first_last": [steps[0][2]["loss"], steps[-1][2]["loss"]] if steps else None,
         "total_s": round(total_s, 1),
         "adapter_saved": bool(outcome.adapter_path and outcome.adapter_path.exists()),
+    }
+
+
+# --- the project's own engine tests, on this device ---------------------------------------------------
+PYTEST_FILES = ("tests/engine/test_transformers_engine.py", "tests/trainer/test_engine_adapters.py")
+
+
+def pytest_phase(model_dir: Path, root: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run the engine's CPU tests unchanged; their engines use device "auto", which is CUDA where there is
+    one. Their registry's default model (whose tokenizer the tests' tiny model takes) is the random one."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    registry = {
+        "default": "smol",
+        "models": {
+            "smol": {"name": "smol", "engine": "transformers", "modelPath": str(model_dir), "maxModelLen": 8192}
+        },
+    }
+    (root / "models.json").write_text(json.dumps(registry))
+    env = dict(os.environ, CY_LLM_MODELS_FILE=str(root / "models.json"), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    cmd = [
+        sys.executable, "-m", "pytest", "-q", "-p", "pytest_asyncio.plugin", "-p", "no:cacheprovider",
+        f"--basetemp={root / 'tmp'}", "--junitxml", str(root / "junit.xml"), *args.pytest_files,
+    ]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.pytest_timeout)
+    (out / "pytest.log").write_text(proc.stdout + proc.stderr)
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
+    return {
+        "files": list(args.pytest_files),
+        "engine_device_auto": "cuda" if torch.cuda.is_available() else "cpu",
+        "returncode": proc.returncode,
+        "summary": tail[0] if tail else "",
+        "failed": [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))],
+        "wall_s": round(time.monotonic() - started, 1),
     }
 
 
@@ -470,7 +519,8 @@ def render(data: dict[str, Any]) -> str:
         for k in inproc:
             r = ph[k]
             lines.append(
-                f"- {r['dtype']}: load {r.get('load_s')} s, first request TTFT {r.get('first_request', {}).get('ttft_ms')} ms "
+                f"- {r['dtype']}: load {r.get('load_s')} s, "
+                f"first request TTFT {r.get('first_request', {}).get('ttft_ms')} ms "
                 f"(cold), slots {r['slots']}, {r['max_new_tokens']} new tokens, "
                 f"peak GPU memory {r.get('max_memory_allocated_gib', '-')} GiB"
             )
@@ -497,7 +547,11 @@ def render(data: dict[str, Any]) -> str:
         for path in ("gateway", "nats"):
             for row in s.get(path, []):
                 b = base.get(row["concurrency"], {})
-                agg = row["aggregate_tps"] / b["aggregate_tps"] if b.get("aggregate_tps") and row["aggregate_tps"] else None
+                agg = (
+                    row["aggregate_tps"] / b["aggregate_tps"]
+                    if b.get("aggregate_tps") and row["aggregate_tps"]
+                    else None
+                )
                 tt = row["ttft_ms_p50"] / b["ttft_ms_p50"] if b.get("ttft_ms_p50") and row["ttft_ms_p50"] else None
                 lines.append(
                     f"| {path} | {row['concurrency']} | {_f(row['ttft_ms_p50'])} | {_f(row['stream_tps_p50'])} "
@@ -514,7 +568,18 @@ def render(data: dict[str, Any]) -> str:
             f"first step {t['first_step_s']} s, then median **{t['s_per_step_median']} s/step**, "
             f"**{t['wall_tokens_per_s']} tokens/s** (wall clock between step reports); the loop's own "
             f"tokens/s figure after the last step: {t['loop_reported_tokens_per_s_last']} (its window includes "
-            f"the first step). Loss {t['loss_first_last']}; result {t['result']}, adapter saved {t['adapter_saved']}.",
+            f"the first step); the loop's own per-step time, backed out of its figures: "
+            f"{t.get('loop_own_s_per_step_median')} s/step median. Loss {t['loss_first_last']}; "
+            f"result {t['result']}, adapter saved {t['adapter_saved']}.",
+            "",
+        ]
+    if "pytest" in ph:
+        t = ph["pytest"]
+        lines += [
+            f"## The project's engine tests on this device (engine device auto = {t['engine_device_auto']})",
+            "",
+            f"`pytest {' '.join(t['files'])}`: {t['summary']} (exit {t['returncode']}, {t['wall_s']} s)",
+            *[f"- {line}" for line in t["failed"]],
             "",
         ]
     for name, why in data["skipped"].items():
@@ -531,9 +596,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2-layer model, short outputs, few requests (CPU smoke)")
     p.add_argument("--src", type=Path, default=REPO / ".gpu" / "smol-src", help="config.json + tokenizer files")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cy-gpu-check")
-    p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / ".gpu" / "out")
+    p.add_argument(
+        "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / ".gpu" / "out"
+    )
     p.add_argument("--budget-s", type=float, default=330, help="start no phase after this many seconds")
-    p.add_argument("--phases", default="inprocess,stack,trainer,bf16", help="comma-separated subset")
+    p.add_argument("--phases", default="inprocess,stack,trainer,bf16,pytest", help="comma-separated subset")
+    p.add_argument("--pytest-files", nargs="*", default=list(PYTEST_FILES), help="test files for the pytest phase")
+    p.add_argument("--pytest-timeout", type=float, default=150)
     p.add_argument("--nats-server", type=Path, default=REPO / ".gpu" / "nats-server")
     args = p.parse_args(argv)
     q = args.quick
@@ -582,7 +651,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"phase {name} done in {time.monotonic() - started:.1f} s")
         report.save()
 
-    phase("inprocess_float32", lambda: asyncio.run(inprocess_phase(model_dir, "float32", args.device, args)), "inprocess")
+    phase(
+        "inprocess_float32", lambda: asyncio.run(inprocess_phase(model_dir, "float32", args.device, args)), "inprocess"
+    )
     missing = [m for m in ("nats", "quart", "hypercorn") if _missing(m)]
     if missing:
         data["skipped"]["stack"] = f"python packages missing: {missing}"
@@ -592,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         phase("stack", lambda: stack_phase(model_dir, args.work / "stack", args, args.out), "stack")
     phase("trainer", lambda: trainer_phase(model_dir, args.work / "trainer", args), "trainer")
     phase("inprocess_bfloat16", lambda: asyncio.run(inprocess_phase(model_dir, "bfloat16", args.device, args)), "bf16")
+    if _missing("pytest_asyncio"):
+        data["skipped"]["pytest"] = "pytest-asyncio is not installed"
+    else:
+        phase("pytest", lambda: pytest_phase(model_dir, args.work / "pytest", args, args.out), "pytest")
     report.save()
     print(render(data))
     return 1 if data.get("errors") else 0
