@@ -1,14 +1,17 @@
-"""`just bench [--quick] [--profile [STREAMS]]`: the performance report.
+"""`just bench [--quick] [--profile [STREAMS]] [--vllm [PYTHON]]`: the performance report.
 
 Starts, one after the other (so each start is timed on its own):
   1. the in-process engine (the floor: no NATS, no HTTP), in a subprocess of its own;
   2. our stack (nats-server + worker + gateway, separate processes, as in production);
-  3. the peer, `transformers serve --continuous-batching`, on the same model folder.
+  3. with --vllm: a second stack whose worker runs the cpu-vllm engine from the vLLM venv (see
+     infra/bench/vllm_stack.py for its settings; the first start compiles for minutes);
+  4. the peer, `transformers serve --continuous-batching`, on the same model folder.
 Then, for each concurrency level in turn, runs every target at that level back to back (in-process,
-direct NATS, gateway, peer): same prompts, greedy decoding, fixed output length. Interleaving by level
-puts the figures that are compared close together in time. On a machine shared with other work that is
-not enough (torch's two threads stall whenever another process takes a core), so every level also
-reports how many cores other processes took while it ran: trust the levels where that is near 0.
+direct NATS, gateway, gateway with the cpu-vllm worker, peer): same prompts, greedy decoding, fixed output
+length. Interleaving by level puts the figures that are compared close together in time. On a machine
+shared with other work that is not enough (torch's two threads stall whenever another process takes a
+core), so every level also reports how many cores other processes took while it ran: trust the levels
+where that is near 0.
 Writes bench-results/bench-<time>-<mode>.{json,png} plus a folder with every component's log, and
 prints the table.
 """
@@ -26,13 +29,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from infra.bench import report
+from infra.bench import report, vllm_stack
 from infra.bench._children import exit_on_sigterm
 from infra.bench._sse import make_client
 from infra.bench.facts import CpuWatch, OtherProcesses, ProcessCpu, machine_facts
 from infra.bench.gateway_load import gateway_request
 from infra.bench.inprocess import InProcessTarget
-from infra.bench.nats_load import connect, nats_request
+from infra.bench.nats_load import connect, nats_request, worker_info
 from infra.bench.peer import PeerServer, missing_requirements, peer_request
 from infra.bench.profile import Profiler
 from infra.bench.stack import QUIET_ENV, Stack, StackError
@@ -56,6 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "16")), help="worker slots")
     parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
     parser.add_argument(
+        "--vllm",
+        nargs="?",
+        const=vllm_stack.default_python(),
+        metavar="PYTHON",
+        help="also measure a stack whose worker runs CY_LLM_ENGINE=cpu-vllm on this interpreter "
+        f"(default {vllm_stack.default_python()}, from `bash infra/vllm_venv.sh`), same slots; "
+        "OMP_NUM_THREADS = cores, VLLM_CPU_OMP_THREADS_BIND=nobind, CY_LLM_VLLM_ENABLE_LORA=false (torch.compile "
+        "on) unless --engine-env says otherwise (infra/bench/vllm_stack.py says why)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="torch threads for every engine (OMP_NUM_THREADS); default: torch's own choice, as in production",
@@ -77,7 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="environment variable for every engine process (worker, in-process, peer), e.g. OMP_WAIT_POLICY=PASSIVE",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vllm:
+        args.vllm = str(Path(args.vllm).expanduser())
+    return args
 
 
 def build_workload(args: argparse.Namespace) -> Workload:
@@ -107,6 +123,8 @@ class Bench:
         self.levels: list[dict[str, Any]] = []
         self.profile: dict[str, Any] = {}
         self.profiled_repeat: Callable[[int], Awaitable[None]] | None = None
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.vllm: dict[str, Any] = {}
         self.env = dict(item.split("=", 1) for item in args.engine_env)
         if args.threads:
             self.env["OMP_NUM_THREADS"] = str(args.threads)
@@ -115,6 +133,7 @@ class Bench:
         async with contextlib.AsyncExitStack() as stack:
             await self._start_inprocess(stack)
             await self._start_ours(stack)
+            await self._start_vllm(stack)
             await self._start_peer(stack)
             w = self.workload
             stage(f"measuring: {w.max_new_tokens} new tokens per request, levels {sorted(self._all_levels())}")
@@ -139,7 +158,7 @@ class Bench:
         return {c for levels, _ in self.targets.values() for c in levels}
 
     async def _start_inprocess(self, stack: contextlib.AsyncExitStack) -> None:
-        stage("starting 1/3: in-process engine (the floor)")
+        stage("starting 1/4: in-process engine (the floor)")
         target = InProcessTarget(self.workload, self.args.slots, dict(os.environ, **QUIET_ENV, **self.env))
         await stack.enter_async_context(target)
         self.startup["inprocess_load_s"] = target.load_s
@@ -148,7 +167,7 @@ class Bench:
         self.pids["in-process"] = {"engine": target.proc.pid}
 
     async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
-        stage("starting 2/3: our stack: nats-server + worker + gateway (separate processes)")
+        stage("starting 2/4: our stack: nats-server + worker + gateway (separate processes)")
         ours = Stack(self.run_dir / "stack", model_id=self.model_id, slots=self.args.slots, env=self.env)
         stack.callback(ours.stop)
         ours.start()  # blocking on purpose: nothing else runs yet, and children must come from the main thread
@@ -160,6 +179,7 @@ class Bench:
         stage(f"    model ready behind the gateway after {ours.ready_s:.1f} s")
         nc = await connect(ours.nats_url, ours.token)
         stack.push_async_callback(nc.drain)
+        self.workers["gateway"] = await worker_info(nc, "bench-1")
         direct = nats_request(nc, self.model_id, self.counter)
 
         async def nats_level(c: int) -> dict[str, Any]:
@@ -181,13 +201,66 @@ class Bench:
         pids = {"engine": ours.pid("worker"), "gateway": ours.pid("gateway"), "nats-server": ours.pid("nats")}
         self.pids["nats"] = self.pids["gateway"] = pids
 
+    async def _start_vllm(self, stack: contextlib.AsyncExitStack) -> None:
+        """The same stack with a cpu-vllm worker from the vLLM venv; skipped (with the reason) when that fails."""
+        if not self.args.vllm:
+            return
+        python = self.args.vllm
+        versions, why = vllm_stack.probe(python)
+        if why:
+            self.skipped[vllm_stack.TARGET] = why
+            stage(f"skipping 3/4: {why}")
+            return
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        threads = self.args.threads or (int(omp) if omp.isdigit() else os.cpu_count() or 1)
+        env = vllm_stack.worker_env(python, threads, self.env)
+        self.vllm = {"python": python, **versions, "env": vllm_stack.reported_env(env)}
+        stage(
+            f"starting 3/4: a second stack with a cpu-vllm worker (vllm {versions.get('vllm')}, {python}); "
+            f"a first start compiles the model for minutes (up to {vllm_stack.START_TIMEOUT_S:g} s allowed)"
+        )
+        root = self.run_dir / "stack-vllm"
+        vstack = Stack(
+            root, model_id=self.model_id, slots=self.args.slots, env=self.env, worker_python=python, worker_env=env
+        )
+        stack.callback(vstack.stop)
+        try:
+            vstack.start(timeout=vllm_stack.START_TIMEOUT_S)  # blocking on purpose, as for our stack
+        except StackError as exc:
+            vstack.stop()
+            self.skipped[vllm_stack.TARGET] = f"the cpu-vllm stack did not start: {exc}"
+            stage(f"    {self.skipped[vllm_stack.TARGET]}")
+            return
+        client = await stack.enter_async_context(make_client(max(self.workload.levels)))
+        gateway = gateway_request(client, vstack.base_url, vstack.api_key, self.counter)
+        first = await gateway(PROMPTS[0], 8)
+        self.startup["vllm_ready_s"] = vstack.ready_s
+        self.startup["vllm_first_token_s"] = (vstack.ready_s or 0) + (first.ttft or 0)
+        stage(f"    model ready behind the cpu-vllm stack's gateway after {vstack.ready_s:.1f} s")
+        nc = await connect(vstack.nats_url, vstack.token)
+        self.workers[vllm_stack.TARGET] = await worker_info(nc, "bench-1")
+        await nc.drain()
+        slots = {name: info.get("slots") for name, info in self.workers.items()}
+        if len(set(slots.values())) > 1:
+            stage(f"    warning: the workers run different slot counts after start: {slots}")
+
+        async def vllm_level(c: int) -> dict[str, Any]:
+            return (await run_level(vllm_stack.TARGET, gateway, c, self.workload)).to_json()
+
+        self.targets[vllm_stack.TARGET] = (self.workload.levels, vllm_level)
+        self.pids[vllm_stack.TARGET] = {
+            "engine": vstack.pid("worker"),  # with vLLM's engine process (its child)
+            "gateway": vstack.pid("gateway"),
+            "nats-server": vstack.pid("nats"),
+        }
+
     async def _start_peer(self, stack: contextlib.AsyncExitStack) -> None:
         missing = missing_requirements()
         if self.args.no_peer or missing:
             pip = f"`transformers serve` needs {', '.join(missing)} (pip install {' '.join(missing)})"
             self.skipped["peer"] = "--no-peer" if self.args.no_peer else pip
             return
-        stage("starting 3/3: peer: transformers serve --continuous-batching on the same model folder")
+        stage("starting 4/4: peer: transformers serve --continuous-batching on the same model folder")
         w = self.workload
         peer = PeerServer(
             self.run_dir / "peer",
@@ -248,10 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         "startup": bench.startup,
         "levels": bench.levels,
         "skipped": bench.skipped,
+        "workers": bench.workers,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if bench.profile:
         results["profile"] = bench.profile
+    if bench.vllm:
+        results["vllm"] = bench.vllm
     json_path, png_path = run_dir.with_suffix(".json"), run_dir.with_suffix(".png")
     report.write_json(results, json_path)
     plotted = report.plot(results, png_path)

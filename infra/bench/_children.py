@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 
@@ -26,3 +27,37 @@ def exit_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def descendants(pid: int) -> list[Any]:
+    """The live children of `pid`, theirs, and so on, as psutil.Process objects ([] without psutil).
+
+    vLLM's worker runs its model in an engine process of its own: its CPU time belongs to the worker,
+    and it must not outlive a worker that had to be killed.
+    """
+    try:
+        import psutil
+
+        return list(psutil.Process(pid).children(recursive=True))
+    except Exception:  # no psutil, or the process is gone
+        return []
+
+
+def reap(procs: list[Any], timeout: float = 10.0) -> None:
+    """SIGTERM the given psutil processes that still run, SIGKILL those left after `timeout`."""
+    if not procs:
+        return
+    import psutil
+
+    alive = [p for p in procs if p.is_running()]
+    for p in alive:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

