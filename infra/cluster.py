@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.nats import nats_server_binary, wait_for_port, write_config
-from infra.up import _secret
+from infra.up import _secret, stop_in_order
 from services.runtime import data_dir
 
 
@@ -103,13 +103,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     while not stop:
         time.sleep(0.5)
-    for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    stop_in_order(procs)
     return 0
 
 

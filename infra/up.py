@@ -118,14 +118,19 @@ def main() -> int:
             code = 1
             break
         time.sleep(0.5)
-    for proc in reversed(procs):  # gateway first, nats-server last
+    stop_in_order(procs)  # gateway first, nats-server last
+    return code
+
+
+def stop_in_order(procs: list[subprocess.Popen[bytes]], timeout: float = 40) -> None:
+    """SIGTERM each process, last started first, waiting up to `timeout` for it to drain, then kill."""
+    for proc in reversed(procs):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(40)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    return code
 
 
 if __name__ == "__main__":
