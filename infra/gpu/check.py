@@ -1,23 +1,26 @@
 """`python -m infra.gpu.check`: the project's own engine and trainer on a CUDA GPU, in one short run.
 
-CI has no GPU, so this is the one place that measures and checks the CUDA path. In order of priority
-(a phase starts only while the time budget allows; results are written after every phase):
+CI has no GPU, so this is the one place that measures and checks the CUDA path. Phases, in order (a
+phase starts only while the time budget allows; results are written after every phase):
 
 1. in-process engine (TransformersEngine + Batcher, no NATS/HTTP), float32 as the registry serves it:
-   one warm-up, then single-stream TTFT and decode tokens/s and aggregate tokens/s at 1, 4, 16, 32
-   concurrent closed-loop streams, greedy, fixed output length (`infra.bench.workloads.run_level`);
-2. greedy output of 16 prompts, each alone, then all 16 together (the CPU test's contract) on that engine;
-3. the full path: nats-server -js, `python -m services.engine`, `python -m gateway` (`infra.bench.stack`),
+   one warm-up, then TTFT, per-stream decode tokens/s and aggregate tokens/s at 1, 4, 16, 32 concurrent
+   closed-loop streams, greedy, fixed output length (`infra.bench.workloads.run_level`); then greedy
+   output of 16 prompts, each alone, then all 16 together (the CPU test's contract) on that engine;
+2. breakdown: where a decode step's time goes (forward, host dispatch, per-row pick), float32 and bfloat16;
+3. attn: the bfloat16 decode forward under PyTorch's SDPA backend switches, with a host profile;
+4. trainer: a few LoRA steps through the trainer's own loop (`services.trainer.loop.run`);
+5. bf16, bf16-nocudnn: (1) in bfloat16, and in bfloat16 with cuDNN attention off;
+6. stack: nats-server -js, `python -m services.engine`, `python -m gateway` (`infra.bench.stack`),
    driven over HTTP/SSE and over NATS directly at 1 and 16 streams, as a ratio to (1)'s figures;
-4. a few LoRA steps through the trainer's own loop (`services.trainer.loop.run`), s/step and tokens/s;
-5. (1) and (2) again in bfloat16.
+7. pytest: the engine's own tests, unchanged (their engines pick CUDA by themselves).
 
 The model is the SmolLM2-135M-Instruct architecture built from its real config.json and tokenizer with
 RANDOM weights (the real weights are too large to carry to the GPU machine). Throughput does not depend
 on the weight values. So that every request runs to its fixed length, the embedding rows of the 17
 special tokens (EOS among them) are zeroed: with tied embeddings their logits are then 0 while the best
 of the other 49k random logits is positive, so greedy decoding never picks them (and never emits text
-that decodes to nothing).
+that decodes to nothing). See build_model for the init std and the trainer's model.
 
 Writes results.json and summary.md into --out (default $OUT, else .gpu/out). See infra/gpu/README.md.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -106,8 +110,15 @@ def facts(device: str) -> dict[str, Any]:
     return info
 
 
-def build_model(src: Path, target: Path, *, layers: int) -> dict[str, Any]:
-    """SmolLM2's config + tokenizer, random float32 weights (seed 0), special-token rows zeroed."""
+def build_model(src: Path, target: Path, *, layers: int, std: float = 0.0, zero_special: bool = True) -> dict[str, Any]:
+    """SmolLM2's config + tokenizer, random float32 weights (seed 0; normal with std `std`, default the
+    config's initializer_range 0.02), the special tokens' embedding rows zeroed if `zero_special`.
+
+    With std 0.02 greedy decoding of a 30-layer random model collapses onto one repeated token, which
+    makes an alone-vs-batched comparison nearly powerless; std 0.05 gives varied output (a different
+    token at almost every step), so any rounding difference that flips an argmax shows. The zeroed rows
+    make the hidden state of a leading <|im_start|> exactly 0, which gives NaN LoRA gradients: the
+    trainer phase uses a model without them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,14 +126,17 @@ def build_model(src: Path, target: Path, *, layers: int) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(src)
     if layers:
         config.num_hidden_layers = layers
+    if std:
+        config.initializer_range = std
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model = model.to(torch.float32)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    with torch.no_grad():
-        emb[:SPECIAL_TOKENS] = 0
-        head[:SPECIAL_TOKENS] = 0
+    if zero_special:
+        with torch.no_grad():
+            emb[:SPECIAL_TOKENS] = 0
+            head[:SPECIAL_TOKENS] = 0
     shutil.rmtree(target, ignore_errors=True)
     model.save_pretrained(target)
     for name in TOKENIZER_FILES:
@@ -133,7 +147,8 @@ def build_model(src: Path, target: Path, *, layers: int) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "layers": config.num_hidden_layers,
         "tied_embeddings": emb.data_ptr() == head.data_ptr(),
-        "weights": "random (normal, std=initializer_range, seed 0); special-token rows zeroed",
+        "weights": f"random (normal, std {config.initializer_range}, seed 0)"
+        + ("; special-token rows zeroed" if zero_special else ""),
         "build_s": round(time.monotonic() - started, 1),
     }
 
@@ -220,7 +235,10 @@ async def inprocess_phase(model_dir: Path, dtype: str, device: str, args: argpar
     from infra.bench.workloads import Workload, run_level
     from services.engine.transformers_engine import TransformersEngine
 
+    levels = args.bf16_levels if dtype == "bfloat16" else args.levels
     result: dict[str, Any] = {"dtype": dtype, "slots": args.slots, "max_new_tokens": args.max_new}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
     engine = TransformersEngine(str(model_dir), max_model_len=8192, dtype=dtype, slots=args.slots, device=device)
     await engine.start()
@@ -231,10 +249,10 @@ async def inprocess_phase(model_dir: Path, dtype: str, device: str, args: argpar
         first = await one("Say hello.", 8)
         result["first_request"] = {"ttft_ms": first.ttft and round(first.ttft * 1000, 1), "tokens": first.tokens}
         warm = Workload(args.max_new // 4 or 1, (), (), (), rounds=1, single_requests=1)
-        await run_level("warm-up", one, max(args.levels), warm)
+        await run_level("warm-up", one, max(levels), warm)
         workload = Workload(args.max_new, (), (), (), rounds=args.rounds, single_requests=args.singles)
         result["levels"] = []
-        for c in args.levels:
+        for c in levels:
             level = await run_level(f"in-process {dtype}", one, c, workload)
             result["levels"].append(level_row(level, args.max_new))
         if args.check_prompts:
@@ -248,6 +266,152 @@ async def inprocess_phase(model_dir: Path, dtype: str, device: str, args: argpar
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return result
+
+
+# --- where a decode step's time goes ---------------------------------------------------------------
+async def breakdown_phase(model_dir: Path, dtype: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The engine as served, with timers around the batcher's decode step, the model's forward (dispatch
+    on the host, then a device sync) and the per-row token pick. Reported per decode step, medians."""
+    import torch
+
+    from infra.bench.workloads import Workload, run_level
+    from services.engine.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(str(model_dir), max_model_len=8192, dtype=dtype, slots=args.slots, device=device)
+    await engine.start()
+    batcher: Any = engine._batcher
+    cuda = device.startswith("cuda")
+    rec: dict[str, list[float]] = {"step": [], "dispatch": [], "forward": [], "pick": []}
+    picks: list[float] = []
+    model = batcher.model
+    forward, decode_step, pick = model.forward, batcher._decode_step, batcher._pick
+
+    def timed_forward(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = forward(*a, **k)
+        t1 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        if k.get("input_ids") is not None and k["input_ids"].shape[1] == 1:
+            rec["dispatch"].append(t1 - t0)
+            rec["forward"].append(time.perf_counter() - t0)
+        return out
+
+    def timed_pick(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = pick(*a, **k)
+        picks.append(time.perf_counter() - t0)
+        return out
+
+    def timed_step() -> None:
+        picks.clear()
+        t0 = time.perf_counter()
+        decode_step()
+        rec["step"].append(time.perf_counter() - t0)
+        rec["pick"].append(sum(picks))
+
+    model.forward, batcher._decode_step, batcher._pick = timed_forward, timed_step, timed_pick
+    out: dict[str, Any] = {"dtype": dtype, "levels": []}
+    try:
+        one = _one(engine)
+        rows, tokens = ((1, 4), 8) if args.quick else ((1, 16), 64)
+        await run_level("warm-up", one, rows[-1], Workload(16, (), (), (), 1, 1))
+        for c in rows:
+            for v in rec.values():
+                v.clear()
+            await run_level(f"breakdown {dtype}", one, c, Workload(tokens, (), (), (), 1, 2 if c == 1 else 1))
+            ms = {k: round(statistics.median(v) * 1000, 2) for k, v in rec.items() if v}
+            ms["other"] = round(ms["step"] - ms["forward"] - ms["pick"], 2)
+            out["levels"].append({"rows": c, "steps": len(rec["step"])} | {f"{k}_ms": v for k, v in ms.items()})
+    finally:
+        await engine.close()
+    return out
+
+
+# --- attention backends: why a bfloat16 decode step can cost more than a float32 one --------------------
+SDPA_VARIANTS = (
+    ("float32", "default", ()),
+    ("bfloat16", "default", ()),
+    ("bfloat16", "default, shapes seen before", ()),
+    ("bfloat16", "cuDNN attention off", ("cudnn",)),
+    ("bfloat16", "cuDNN and flash off", ("cudnn", "flash")),
+    ("bfloat16", "math only", ("cudnn", "flash", "mem_efficient")),
+)
+
+
+def attn_phase(model_dir: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The model's decode forward as the batcher calls it (mask, position ids, cache; batch 1), timed per
+    step with a sync, under PyTorch's SDPA backend switches. Every variant but "seen before" decodes at
+    KV lengths no earlier variant used, so a backend that prepares per shape pays that cost in it."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.engine.batcher import _cache_keyword
+
+    cuda = device.startswith("cuda")
+    steps = 6 if args.quick else 32
+    flags = ("cudnn", "flash", "mem_efficient", "math")
+    saved = {f: getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in flags}
+    out: dict[str, Any] = {"steps": steps, "backends_enabled_by_default": saved, "variants": []}
+    models: dict[str, Any] = {}
+    for dt in ("float32", "bfloat16"):
+        loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dt))
+        models[dt] = loaded.to(device).eval()
+
+    def decode(model: Any, prompt_len: int, profile: bool = False) -> tuple[list[float], str]:
+        kw = _cache_keyword(model)
+        cache = DynamicCache(config=model.config)
+        ids = torch.randint(100, 40000, (1, prompt_len), device=device)
+        with torch.inference_mode():
+            model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1)
+            mask = torch.ones((1, prompt_len), dtype=torch.long, device=device)
+            times, table = [], ""
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+            if prof is not None:
+                prof.__enter__()
+            for i in range(steps):
+                mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+                pos = torch.tensor([[prompt_len + i]], device=device)
+                t0 = time.perf_counter()
+                logits = model(
+                    input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, **{kw: cache}, use_cache=True
+                )
+                int(torch.argmax(logits.logits[0, -1]))
+                times.append(time.perf_counter() - t0)
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
+        return times, table
+
+    decode(models["bfloat16"], 16)  # first-call set-up
+    decode(models["float32"], 16)
+    try:
+        for k, (dt, label, off) in enumerate(SDPA_VARIANTS):
+            for f in flags:
+                getattr(torch.backends.cuda, f"enable_{f}_sdp")(saved[f] and f not in off)
+            start = 40 + 100 * (k - 1 if "seen" in label else k)
+            times, _ = decode(models[dt], start)
+            out["variants"].append(
+                {
+                    "dtype": dt,
+                    "variant": label,
+                    "kv_lengths": f"{start + 1}-{start + steps}",
+                    "step_ms_median": round(statistics.median(times) * 1000, 2),
+                    "step_ms_max": round(max(times) * 1000, 2),
+                }
+            )
+        for f in flags:
+            getattr(torch.backends.cuda, f"enable_{f}_sdp")(saved[f])
+        out["profile_bfloat16_new_shapes"] = decode(models["bfloat16"], 40 + 100 * len(SDPA_VARIANTS), True)[1]
+        out["profile_float32_new_shapes"] = decode(models["float32"], 40 + 100 * (len(SDPA_VARIANTS) + 1), True)[1]
+    finally:
+        for f in flags:
+            getattr(torch.backends.cuda, f"enable_{f}_sdp")(saved[f])
+        del models
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
 
 
 # --- the full path: nats-server + worker + gateway ---------------------------------------------------
@@ -432,6 +596,7 @@ def trainer_phase(model_dir: Path, root: Path, args: argparse.Namespace) -> dict
         "loop_reported_tokens_per_s_last": loop_tps,
         "loop_own_s_per_step_median": round(statistics.median(loop_elapsed), 4) if loop_elapsed else None,
         "loss_first_last": [steps[0][2]["loss"], steps[-1][2]["loss"]] if steps else None,
+        "losses": [e[2]["loss"] for e in steps],
         "total_s": round(total_s, 1),
         "adapter_saved": bool(outcome.adapter_path and outcome.adapter_path.exists()),
     }
@@ -509,9 +674,10 @@ def render(data: dict[str, Any]) -> str:
         for k in inproc:
             r = ph[k]
             for row in r.get("levels", []):
+                label = r["dtype"] + (f" ({r['sdpa']})" if "sdpa" in r else "")
                 ok = (row["stream_tps_p50"] or 0) >= SPEC_STREAM_TPS and (row["ttft_ms_p50"] or 1e9) <= SPEC_TTFT_MS
                 lines.append(
-                    f"| {r['dtype']} | {row['concurrency']} | {row['requests']} | {_f(row['ttft_ms_p50'])} "
+                    f"| {label} | {row['concurrency']} | {row['requests']} | {_f(row['ttft_ms_p50'])} "
                     f"| {_f(row['ttft_ms_p99'])} | {_f(row['stream_tps_p50'])} | {_f(row['aggregate_tps'])} "
                     f"| {row['all_full_length']} | {'meets' if ok else 'MISSES'} |"
                 )
@@ -519,7 +685,7 @@ def render(data: dict[str, Any]) -> str:
         for k in inproc:
             r = ph[k]
             lines.append(
-                f"- {r['dtype']}: load {r.get('load_s')} s, "
+                f"- {r['dtype']}{' (' + r['sdpa'] + ')' if 'sdpa' in r else ''}: load {r.get('load_s')} s, "
                 f"first request TTFT {r.get('first_request', {}).get('ttft_ms')} ms "
                 f"(cold), slots {r['slots']}, {r['max_new_tokens']} new tokens, "
                 f"peak GPU memory {r.get('max_memory_allocated_gib', '-')} GiB"
@@ -532,6 +698,46 @@ def render(data: dict[str, Any]) -> str:
                     f"divergent (prompt: first token index): {b['first_divergent_token_by_prompt'] or 'none'}"
                 )
         lines.append("")
+    brk = [k for k in ph if k.startswith("breakdown")]
+    if brk:
+        lines += [
+            "## Where a decode step goes (engine with timers; medians per step)",
+            "",
+            "forward = the model's forward incl. a device sync; dispatch = its host-side part (before the sync); "
+            "pick = the per-row token choice (`Batcher._pick`, one `int()` sync per row); other = the rest of "
+            "`_decode_step`.",
+            "",
+            "| dtype | rows | step ms | forward ms | of which host dispatch ms | pick ms (all rows) | other ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for k in brk:
+            for row in ph[k]["levels"]:
+                lines.append(
+                    f"| {ph[k]['dtype']} | {row['rows']} | {row.get('step_ms')} | {row.get('forward_ms')} "
+                    f"| {row.get('dispatch_ms')} | {row.get('pick_ms')} | {row.get('other_ms')} |"
+                )
+        lines.append("")
+    if "attn" in ph:
+        a = ph["attn"]
+        lines += [
+            "## Decode forward under SDPA backend switches (batch 1, synced per step)",
+            "",
+            f"Backends enabled by default: {a['backends_enabled_by_default']}.",
+            "",
+            "| dtype | SDPA backends | KV lengths | step ms median | step ms max |",
+            "| --- | --- | --- | ---: | ---: |",
+            *[
+                f"| {v['dtype']} | {v['variant']} | {v['kv_lengths']} | {v['step_ms_median']} | {v['step_ms_max']} |"
+                for v in a["variants"]
+            ],
+            "",
+            "Host-side profile, bfloat16, default backends, new KV lengths (top ops by self CPU time):",
+            "",
+            "```",
+            a.get("profile_bfloat16_new_shapes", ""),
+            "```",
+            "",
+        ]
     if "stack" in ph:
         s = ph["stack"]
         base = {row["concurrency"]: row for row in ph.get("inprocess_float32", {}).get("levels", [])}
@@ -600,9 +806,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / ".gpu" / "out"
     )
     p.add_argument("--budget-s", type=float, default=330, help="start no phase after this many seconds")
-    p.add_argument("--phases", default="inprocess,stack,trainer,bf16,pytest", help="comma-separated subset")
+    p.add_argument(
+        "--phases",
+        default="inprocess,breakdown,attn,trainer,bf16,bf16-nocudnn,stack,pytest",
+        help="comma-separated subset",
+    )
     p.add_argument("--pytest-files", nargs="*", default=list(PYTEST_FILES), help="test files for the pytest phase")
     p.add_argument("--pytest-timeout", type=float, default=150)
+    p.add_argument("--bf16-levels", default="", help="concurrency levels for bfloat16 (default: float32's)")
+    p.add_argument("--std", type=float, default=0.05, help="init std of the engine's random model")
     p.add_argument("--nats-server", type=Path, default=REPO / ".gpu" / "nats-server")
     args = p.parse_args(argv)
     q = args.quick
@@ -610,6 +822,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.slots = 32
     args.max_new = 16 if q else 128
     args.levels = [1, 4] if q else [1, 4, 16, 32]
+    args.bf16_levels = [int(x) for x in args.bf16_levels.split(",")] if args.bf16_levels else args.levels
     args.stack_levels = [1, 4] if q else [1, 16]
     args.rounds, args.singles = (1, 2) if q else (2, 4)
     args.check_prompts, args.check_tokens = (4, 8) if q else (16, 24)
@@ -630,10 +843,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PATH"] = f"{args.nats_server.resolve().parent}{os.pathsep}{os.environ.get('PATH', '')}"
     data["facts"] = facts(args.device)
     say(f"facts: {data['facts']}")
-    data["model"] = build_model(args.src, args.work / "model", layers=args.layers)
-    say(f"model: {data['model']}")
+    model_dir, train_dir = args.work / "model", args.work / "model-train"
+    data["model"] = build_model(args.src, model_dir, layers=args.layers, std=args.std)
+    data["train_model"] = build_model(args.src, train_dir, layers=args.layers, zero_special=False)
+    say(f"models: {data['model']} {data['train_model']}")
     report.save()
-    model_dir = args.work / "model"
 
     def phase(name: str, fn: Callable[[], dict[str, Any]], needs: str) -> None:
         if needs not in wanted:
@@ -654,6 +868,29 @@ def main(argv: list[str] | None = None) -> int:
     phase(
         "inprocess_float32", lambda: asyncio.run(inprocess_phase(model_dir, "float32", args.device, args)), "inprocess"
     )
+
+    def breakdown(dtype: str) -> dict[str, Any]:
+        return asyncio.run(breakdown_phase(model_dir, dtype, args.device, args))
+
+    for dt in ("float32", "bfloat16"):
+        phase(f"breakdown_{dt}", functools.partial(breakdown, dt), "breakdown")
+    phase("attn", lambda: attn_phase(model_dir, args.device, args), "attn")
+
+    phase("trainer", lambda: trainer_phase(train_dir, args.work / "trainer", args), "trainer")
+    phase("inprocess_bfloat16", lambda: asyncio.run(inprocess_phase(model_dir, "bfloat16", args.device, args)), "bf16")
+
+    def bf16_without_cudnn() -> dict[str, Any]:
+        """The engine in bfloat16 with PyTorch's cuDNN attention backend switched off (process-wide)."""
+        import torch
+
+        enabled = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            return asyncio.run(inprocess_phase(model_dir, "bfloat16", args.device, args)) | {"sdpa": "cuDNN off"}
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+    phase("inprocess_bfloat16_nocudnn", bf16_without_cudnn, "bf16-nocudnn")
     missing = [m for m in ("nats", "quart", "hypercorn") if _missing(m)]
     if missing:
         data["skipped"]["stack"] = f"python packages missing: {missing}"
@@ -661,8 +898,6 @@ def main(argv: list[str] | None = None) -> int:
         data["skipped"]["stack"] = "no nats-server binary"
     else:
         phase("stack", lambda: stack_phase(model_dir, args.work / "stack", args, args.out), "stack")
-    phase("trainer", lambda: trainer_phase(model_dir, args.work / "trainer", args), "trainer")
-    phase("inprocess_bfloat16", lambda: asyncio.run(inprocess_phase(model_dir, "bfloat16", args.device, args)), "bf16")
     if _missing("pytest_asyncio"):
         data["skipped"]["pytest"] = "pytest-asyncio is not installed"
     else:
