@@ -197,10 +197,15 @@ class Batcher:
         )
         self._mask = mask
         logits = out.logits[:, -1]
+        # Plain greedy rows (no penalties) take one batched argmax: one device sync for all of them
+        # instead of one per row (the same argmax of the same logits, so the same tokens).
+        plain = [i for i, s in enumerate(rows) if _plain_greedy(s.params)]
+        greedy = dict(zip(plain, logits[plain].float().argmax(-1).tolist(), strict=True)) if plain else {}
         for i, seq in enumerate(rows):
             seq.pos += 1
             if not seq.cancelled:
-                seq.accept(self._pick(seq, logits[i]), self.eos_ids)
+                token = greedy[i] if i in greedy else self._pick(seq, logits[i])
+                seq.accept(token, self.eos_ids)
 
     def _drop_finished(self) -> None:
         if self._cache is None or self._mask is None:
@@ -225,6 +230,15 @@ class Batcher:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         self._active = [self._active[i] for i in keep]
+
+
+def _plain_greedy(params: GenerationParams) -> bool:
+    return (
+        params.temperature == 0
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+    )
 
 
 def _cache_keyword(model: Any) -> str:

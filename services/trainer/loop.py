@@ -104,7 +104,10 @@ class _Run:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.progress = Progress(elapsed_s=plan.elapsed_s)
         self.checkpoint_step = 0
+        # (seconds, tokens) of recent steps, for tokens/s and the ETA. The first step of a run (allocator
+        # and kernel warm-up: 11x slower than the rest on a GPU) is dropped once a second one exists.
         self._window: deque[tuple[float, int]] = deque(maxlen=20)
+        self._warmup_in_window = True
         self._segment_started = time.monotonic()
 
     def release(self) -> None:
@@ -311,6 +314,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.monotonic() - started
         tokens = int(inputs["attention_mask"].sum())
+        if self._warmup_in_window and len(self._window) == 1:
+            self._window.popleft()
+            self._warmup_in_window = False
         self._window.append((elapsed, tokens))
         spent = sum(t for t, _ in self._window)
         p = self.progress
