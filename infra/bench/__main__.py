@@ -38,7 +38,7 @@ from infra.bench.inprocess import InProcessTarget
 from infra.bench.nats_load import connect, nats_request, worker_info
 from infra.bench.peer import PeerServer, missing_requirements, peer_request
 from infra.bench.profile import Profiler
-from infra.bench.stack import QUIET_ENV, Stack, StackError
+from infra.bench.stack import QUEUE_TIMEOUT_S, QUIET_ENV, Stack, StackError
 from infra.bench.workloads import FULL, PROMPTS, QUICK, TokenCounter, Workload, run_level
 from services.runtime import REPO_ROOT
 
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "slots": args.slots,
         "threads": args.threads,
         "engine_env": bench.env,
+        "gateway_queue_timeout_s": float(QUEUE_TIMEOUT_S),
         "workload": dataclasses.asdict(workload),
         "prompts": list(PROMPTS),
         "facts": facts,

@@ -85,7 +85,12 @@ def table(results: dict[str, Any]) -> str:
     parts = [
         f"CY-LLM bench ({results['mode']}): {results['model_id']}, {work['max_new_tokens']} new tokens per request, "
         f"greedy, chat prompts; worker slots {results['slots']}; "
-        f"torch threads {results.get('threads') or 'default (' + str(facts['torch_threads']) + ')'}",
+        f"torch threads {results.get('threads') or 'default (' + str(facts['torch_threads']) + ')'}"
+        + (
+            f"; gateway queue timeout {results['gateway_queue_timeout_s']:g} s"
+            if results.get("gateway_queue_timeout_s")
+            else ""
+        ),
         f"machine: {facts['cpu_model']}, {facts['cores']} cores, torch {facts['torch']}, "
         f"transformers {facts['transformers']}, commit {facts['git_commit'][:10]}{dirty}",
     ]

@@ -23,6 +23,10 @@ from infra.bench._children import descendants, die_with_parent, reap
 from infra.nats import free_port, start_nats
 
 QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+# How long the gateway lets a request wait for a free worker slot (production default: 30 s). Levels above
+# the slot count queue on purpose and must show up as TTFT: with 30 s, a slow or disturbed worker turned
+# the tail of a 32-stream level into 503s, and its tokens/s then counted only the requests that got in.
+QUEUE_TIMEOUT_S = os.environ.get("CY_LLM_QUEUE_TIMEOUT") or "600"
 
 
 class StackError(RuntimeError):
@@ -99,7 +103,12 @@ class Stack:
         self._spawn(
             "gateway",
             "gateway",
-            self._env(CY_LLM_PORT=str(self.http_port), CY_LLM_LITE_PORT=str(self.lite_port), CY_LLM_HOST="127.0.0.1"),
+            self._env(
+                CY_LLM_PORT=str(self.http_port),
+                CY_LLM_LITE_PORT=str(self.lite_port),
+                CY_LLM_HOST="127.0.0.1",
+                CY_LLM_QUEUE_TIMEOUT=QUEUE_TIMEOUT_S,
+            ),
         )
         deadline = started + timeout
         while time.monotonic() < deadline:
