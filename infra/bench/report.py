@@ -336,9 +336,10 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     ax_ttft.yaxis.set_minor_formatter(plain)
     ax_ttft.set_title("TTFT")
     facts = results["facts"]
+    who = "CY-LLM (transformers and cpu-vllm workers)" if "gateway-vllm" in t else "CY-LLM"
+    peer = " vs transformers serve" if "peer" in t else ""
     fig.suptitle(
-        f"{'CY-LLM (transformers and cpu-vllm workers)' if 'gateway-vllm' in t else 'CY-LLM'} vs transformers serve: "
-        f"{results['model_id']}, {results['workload']['max_new_tokens']} tokens, "
+        f"{who}{peer}: {results['model_id']}, {results['workload']['max_new_tokens']} tokens, "
         f"{facts['cpu_model']} x{facts['cores']} ({results['mode']})"
     )
     fig.tight_layout()
