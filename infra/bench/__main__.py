@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer levels and requests, shorter outputs (<5 min)")
     parser.add_argument("--levels", help="concurrency levels (in-process, gateway, peer), e.g. 1,4,16,32")
     parser.add_argument("--max-new-tokens", type=int, help="output length per request")
-    parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "16")), help="worker slots")
+    parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "32")), help="worker slots")
     parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
     parser.add_argument(
         "--vllm",

@@ -68,7 +68,7 @@ def _answer(payload: dict[str, object]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.bench.inprocess")
     parser.add_argument("--workload", required=True, help="the Workload as JSON (Workload.to_json)")
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=32)
     args = parser.parse_args()
 
     from services.engine.registry import load_registry

@@ -123,7 +123,7 @@ class VllmEngine(Engine):
         name: str,
         spec: ModelSpec,
         *,
-        slots: int = 16,
+        slots: int = 32,
         mode: Mode | None = None,
         settings: VllmSettings | None = None,
     ) -> None:

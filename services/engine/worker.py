@@ -44,7 +44,7 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     worker_id: str = ""
     model: str = "default"
     engine: str = ""
-    slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     stream_chunk_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
     heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
