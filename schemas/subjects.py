@@ -110,6 +110,8 @@ def worker_kv_subject(worker_id: str) -> str:
 
 # --- training ---------------------------------------------------------------------------------
 TRAINING_JOBS_BUCKET = f"{_BUCKET_PREFIX}_training_jobs"
+# Who may write an outputDir / train an adapter name: key = a digest of the claim, value = "<job_id> <ms>".
+TRAINING_CLAIMS_BUCKET = f"{_BUCKET_PREFIX}_training_claims"
 ADAPTERS_BUCKET = f"{_BUCKET_PREFIX}_adapters"
 TRAINING_QUEUE_STREAM = f"{_STREAM_PREFIX}_TRAINING_QUEUE"
 TRAINING_QUEUE_SUBJECT = f"{PREFIX}.training.queue"

@@ -14,6 +14,7 @@ running -> (control "pause", the trainer checkpoints) -> paused; resume: paused 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import uuid
@@ -59,6 +60,8 @@ log = structlog.get_logger()
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 ACTIVE = frozenset({"queued", "running", "paused"})
+# A claim whose job record does not exist yet counts as active this long (its `start` is still running).
+CLAIM_GRACE_MS = 60_000
 # How long `pause` waits for the trainer to checkpoint and confirm before it answers anyway.
 PAUSE_WAIT_S = 30.0
 
@@ -84,6 +87,10 @@ def finished(job: TrainingJob, verb: str) -> CyError:
     )
 
 
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:40]
+
+
 def derive_adapter_name(output_path: Path, job_id: str) -> str:
     name = _NAME_CHARS.sub("-", output_path.name).strip("-_")[:64]
     return name or job_id
@@ -100,6 +107,7 @@ class JobService:
         self.trainer_id = trainer_id
         self.pause_wait = pause_wait
         self._kv: KeyValue | None = None
+        self._claims: KeyValue | None = None
         self._ready = asyncio.Lock()
 
     async def kv(self) -> KeyValue:
@@ -212,7 +220,15 @@ class JobService:
         examples = await asyncio.to_thread(datasets.load, dataset_file)
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         adapter_name = req.adapter_name or derive_adapter_name(output_path, job_id)
-        await self._refuse_conflicts(model_id, adapter_name, output_path)
+        await self._claim(
+            f"out.{_digest(str(output_path))}", job_id, "outputDir", lambda o: f"writes to outputDir '{o.output_dir}'"
+        )
+        await self._claim(
+            f"adapter.{_digest(model_id, adapter_name)}",
+            job_id,
+            "adapterName",
+            lambda o: f"trains adapter '{adapter_name}' for '{model_id}'",
+        )
         job = TrainingJob(
             job_id=job_id,
             status="queued",
@@ -265,21 +281,45 @@ class JobService:
             ],
         )
 
-    async def _refuse_conflicts(self, model_id: str, adapter_name: str, output_path: Path) -> None:
-        for other in await self.all_jobs():
-            if other.status not in ACTIVE:
+    async def _claim(self, key: str, job_id: str, field: str, what: Callable[[TrainingJob], str]) -> None:
+        """Atomically make `job_id` the one job allowed to write an output folder / train an adapter name.
+        A claim held by an active job refuses with TRAINING_JOB_RUNNING; one whose job has finished (or never
+        got its record, after CLAIM_GRACE_MS) is taken over by compare-and-set. Claims are never released:
+        they go stale when their job ends, so a crash can never leave a name locked."""
+        if self._claims is None:
+            await self.kv()  # creates every training bucket
+            self._claims = await streams.ensure_bucket(self.js, subjects.TRAINING_CLAIMS_BUCKET)
+        claims = self._claims
+        value = f"{job_id} {now_ms()}".encode()
+        for _ in range(20):
+            try:
+                await claims.create(key, value)
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await claims.get(key)
+            except KeyNotFoundError:
                 continue
-            if other.output_path == str(output_path):
-                field, what = "outputDir", f"writes to outputDir '{other.output_dir}'"
-            elif other.model_id == model_id and other.adapter_name == adapter_name:
-                field, what = "adapterName", f"trains adapter '{adapter_name}' for '{model_id}'"
-            else:
+            holder, _, since = (entry.value or b"").decode().partition(" ")
+            try:
+                other: TrainingJob | None = await self.get(holder)
+            except CyError:
+                other = None
+            young = since.isdigit() and now_ms() - int(since) < CLAIM_GRACE_MS
+            if (other is not None and other.status in ACTIVE) or (other is None and young):
+                doing = f"({other.status}) already {what(other)}" if other else f"(starting) already claims {field}"
+                raise CyError(
+                    ErrorCode.TRAINING_JOB_RUNNING,
+                    f"Training job '{holder}' {doing}",
+                    details=[ErrorDetail(type="job_running", field=field, description=f"job {holder} is active")],
+                )
+            try:
+                await claims.update(key, value, last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
                 continue
-            raise CyError(
-                ErrorCode.TRAINING_JOB_RUNNING,
-                f"Training job '{other.job_id}' ({other.status}) already {what}",
-                details=[ErrorDetail(type="job_running", field=field, description=f"job {other.job_id} is active")],
-            )
+        raise CyError(ErrorCode.INTERNAL_ERROR, f"could not claim {field}; try again", retryable=True)
 
     async def list(self, query: ListJobs) -> tuple[list[TrainingJob], int]:
         jobs = [j for j in await self.all_jobs() if not query.status or j.status == query.status]

@@ -321,3 +321,21 @@ async def test_target_modules_the_model_lacks_fail_the_job_with_a_message_naming
     failed = await wait_finished(jobs, (await jobs.start(req)).job_id)
     assert failed.status == "failed" and "loraConfig.targetModules" in failed.message
     assert failed.error is not None and failed.error.code == ErrorCode.INVALID_REQUEST
+
+
+async def test_concurrent_starts_for_one_adapter_name_let_exactly_one_job_through(
+    jobs: JobService, roots: Roots
+) -> None:
+    name = unique("race")
+    requests = [msgspec.structs.replace(request(roots), adapter_name=name) for _ in range(6)]
+    results = await asyncio.gather(*(jobs.start(r) for r in requests), return_exceptions=True)
+    started = [r for r in results if isinstance(r, TrainingJob)]
+    refused = [r for r in results if not isinstance(r, TrainingJob)]
+    assert len(started) == 1, results
+    assert all(getattr(e, "code", None) == ErrorCode.TRAINING_JOB_RUNNING for e in refused), refused
+    assert all(e.body.details[0].field == "adapterName" for e in refused)  # type: ignore[union-attr]
+    # Once that job has ended, the name is free again.
+    await jobs.cancel(started[0].job_id)
+    again = await jobs.start(msgspec.structs.replace(request(roots), adapter_name=name))
+    assert again.status == "queued" and again.adapter_name == name
+    await jobs.cancel(again.job_id)
