@@ -33,14 +33,23 @@ class GenerationBody(msgspec.Struct, kw_only=True, rename="camel", forbid_unknow
         )
 
 
-class MetadataBody(msgspec.Struct, kw_only=True, rename="camel"):
-    trace_id: _ID = ""
+class MetadataBody(msgspec.Struct, kw_only=True):
+    """The spec's examples spell these camelCase and its field table snake_case: both are accepted."""
+
+    trace_id: _ID = msgspec.field(default="", name="traceId")
     tenant: _ID = ""
-    player_id: _ID = ""
+    player_id: _ID = msgspec.field(default="", name="playerId")
     locale: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    trace_id_snake: _ID = msgspec.field(default="", name="trace_id")
+    player_id_snake: _ID = msgspec.field(default="", name="player_id")
 
     def to_wire(self) -> Metadata:
-        return Metadata(trace_id=self.trace_id, tenant=self.tenant, player_id=self.player_id, locale=self.locale)
+        return Metadata(
+            trace_id=self.trace_id or self.trace_id_snake,
+            tenant=self.tenant,
+            player_id=self.player_id or self.player_id_snake,
+            locale=self.locale,
+        )
 
 
 class InferenceBody(msgspec.Struct, kw_only=True, rename="camel"):

@@ -99,7 +99,10 @@ def status_view(job: TrainingJob) -> dict[str, Any]:
         "status": job.status,
         "progress": progress_view(p),
         "elapsedTimeSeconds": round(p.elapsed_s),
-        "estimatedTimeRemainingSeconds": None if p.eta_s is None else round(p.eta_s),
+        # Only a running job has an ETA; a completed one has 0 left, the others none.
+        "estimatedTimeRemainingSeconds": (
+            0 if job.status == "completed" else None if job.status != "running" or p.eta_s is None else round(p.eta_s)
+        ),
         "createdAt": iso(job.created_ms),
         "startedAt": iso(job.started_ms),
         "completedAt": iso(job.completed_ms),
@@ -142,6 +145,8 @@ def event_view(event: TrainingEvent) -> dict[str, Any]:
         out["elapsedTimeSeconds"] = round(event.progress.elapsed_s, 1)
     if event.message:
         out["message"] = event.message
+    if event.trainer_id:
+        out["trainerId"] = event.trainer_id
     return out
 
 

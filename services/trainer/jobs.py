@@ -220,6 +220,12 @@ class JobService:
         examples = await asyncio.to_thread(datasets.load, dataset_file)
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         adapter_name = req.adapter_name or derive_adapter_name(output_path, job_id)
+        if adapter_name == "default" or self.registry.resolve(adapter_name) is not None:
+            # Adapters are selectable as OpenAI `model` names: they must not shadow a model id or alias.
+            raise invalid(
+                "adapterName" if req.adapter_name else "outputDir",
+                f"adapter name '{adapter_name}' is taken by a model id or the alias 'default'; choose another",
+            )
         await self._claim(
             f"out.{_digest(str(output_path))}", job_id, "outputDir", lambda o: f"writes to outputDir '{o.output_dir}'"
         )
@@ -265,6 +271,8 @@ class JobService:
             return resolved[0]
         as_path = Path(base_model).expanduser()
         for model_id, spec in self.registry.models.items():
+            if spec.name == base_model:
+                return model_id
             if as_path.is_absolute() and as_path.resolve() == Path(spec.model_path).resolve():
                 return model_id
         known = ", ".join(sorted(self.registry.models))
@@ -276,7 +284,7 @@ class JobService:
                     type="model_not_found",
                     field="baseModel",
                     description=f"Model '{base_model}' is not configured (known: {known}); "
-                    "give a registry model id or its modelPath",
+                    "give a registry model id, its name or its modelPath",
                 )
             ],
         )
@@ -342,8 +350,11 @@ class JobService:
 
         job = await self.mutate(job_id, change)
         if was == ["running"]:
+            # The owning trainer publishes the "cancelled" event once its loop has stopped, so that it
+            # comes after the job's last step event.
             await self._signal(job_id, "cancel")
-        await self.event(job, "cancelled", f"cancelled while {was[0]}", job.progress)
+        else:
+            await self.event(job, "cancelled", f"cancelled while {was[0]}", job.progress)
         return job
 
     async def pause(self, job_id: str) -> TrainingJob:

@@ -335,6 +335,10 @@ class Trainer:
         result = outcome.result
         if result == "cancelled":
             await msg.ack()
+            record = await self.jobs.get(job.job_id)
+            await self.jobs.event(
+                record, "cancelled", f"cancelled while running, after step {outcome.progress.step}", outcome.progress
+            )
             log.info("training_job_cancelled", step=outcome.progress.step)
             return
         if result == "completed" and outcome.adapter_path is not None:

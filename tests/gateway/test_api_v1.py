@@ -56,8 +56,15 @@ async def test_streamed_text_equals_the_non_streamed_text_for_greedy_decoding(ga
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full
 
 
-async def test_metadata_travels_to_the_worker_and_into_its_log_lines(gateway: Gateway) -> None:
-    meta = {"traceId": "trace-001", "tenant": "tenant-123", "playerId": "player-456", "locale": "zh-CN"}
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"traceId": "trace-001", "tenant": "tenant-123", "playerId": "player-456", "locale": "zh-CN"},
+        {"trace_id": "trace-001", "tenant": "tenant-123", "player_id": "player-456", "locale": "zh-CN"},
+    ],
+    ids=["camelCase", "snake_case"],
+)
+async def test_metadata_travels_to_the_worker_and_into_its_log_lines(gateway: Gateway, meta: dict[str, str]) -> None:
     with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with gateway.client() as client:
             r = await client.post("/api/v1/inference/streamWithMetadata", json=body(metadata=meta))

@@ -161,6 +161,7 @@ async def test_events_replay_and_follow_the_loss_curve_as_server_sent_events(
     steps = [e["progress"] for e in events[:-1] if e["kind"] == "step"]
     assert [s["currentStep"] for s in steps] == list(range(1, 7))
     assert all(s["totalSteps"] == 6 and s["loss"] > 0 for s in steps)
+    assert all(e["trainerId"] == trainer.trainer_id for e in events[1:-1])  # "queued" comes from the API
     assert "id: " in body  # every event names its stream sequence (Last-Event-ID)
 
     replay = parse_sse((await client.get(f"/api/v1/training/events/{job_id}")).text)
@@ -405,3 +406,24 @@ async def test_the_bundled_smollm2_learns_a_taught_answer_and_serves_it_by_adapt
     after = await ask(name)
     print(f"\nSmolLM2 before: {before!r}\nSmolLM2 after:  {after!r}\nprogress: {done['progress']}")
     assert after.startswith(ANSWER) and ANSWER not in before
+
+
+async def test_an_adapter_name_that_would_shadow_a_model_id_or_the_default_alias_is_refused(
+    client: httpx.AsyncClient, roots: Roots
+) -> None:
+    for name in ("default", "tiny", "smollm2-135m-instruct"):
+        r = await client.post("/api/v1/training/start", json=start_body(roots, adapterName=name))
+        assert r.status_code == 400 and error_of(r)["code"] == "INVALID_REQUEST", r.text
+        assert error_of(r)["details"][0]["field"] == "adapterName"
+
+
+async def test_base_model_may_be_given_by_its_registry_name(client: httpx.AsyncClient, roots: Roots) -> None:
+    r = await client.post("/api/v1/training/start", json=start_body(roots, baseModel="Tiny random Llama"))
+    assert r.status_code == 200, r.text
+    job_id = r.json()["jobId"]
+    status = (await client.get(f"/api/v1/training/status/{job_id}")).json()
+    assert status["modelId"] == "tiny"
+    cancelled = await client.post(f"/api/v1/training/cancel/{job_id}")
+    assert cancelled.status_code == 200
+    after = (await client.get(f"/api/v1/training/status/{job_id}")).json()
+    assert after["status"] == "cancelled" and after["estimatedTimeRemainingSeconds"] is None
