@@ -34,7 +34,8 @@ def _secret(env: dict[str, str], var: str, path: Path) -> tuple[str, bool]:
     return value, True
 
 
-def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], timeout: float = 600) -> bool:
+def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], ready: bytes, timeout: float = 600) -> bool:
+    """Poll `url` until its body contains `ready` (False if a component exits or `timeout` passes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
@@ -42,7 +43,7 @@ def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], timeou
         try:
             req = urllib.request.Request(url, headers={"X-API-Key": key})
             with urllib.request.urlopen(req, timeout=2) as resp:
-                if b'"status":"UP"' in resp.read():
+                if ready in resp.read():
                     return True
         except Exception:
             pass
@@ -97,7 +98,10 @@ def main() -> int:
     port = env.get("CY_LLM_PORT", "8080")
     lite = env.get("CY_LLM_LITE_PORT", "8000")
     host = env.get("CY_LLM_HOST", "127.0.0.1")
-    if _wait_ready(f"http://{host}:{port}/api/v1/health", api_key, procs):
+    # "ready" means a request succeeds now: the default model is loaded on a worker (with no workers of our
+    # own, the gateway answering is all we can wait for).
+    url = f"http://{host}:{port}/api/v1/" + (f"models/{resolved[0]}" if workers else "health")
+    if _wait_ready(url, api_key, procs, b'"status":"ready"' if workers else b'"status"'):
         print("\n[cy-llm] ready", flush=True)
         print(f"  REST API    http://{host}:{port}/api/v1   (header X-API-Key)", flush=True)
         print(f"  OpenAI API  http://{host}:{lite}/v1", flush=True)
