@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,8 @@ async def snapshot(core: GatewayCore) -> dict[str, Any]:
     """Every component's state, measured now."""
     now = datetime.now(UTC)
     try:
-        latency = round(await core.nats_latency_ms(), 2)
+        # Whole milliseconds as in the spec's example (`"latencyMs": 1`), rounded up: 0.3 ms reads 1.
+        latency = math.ceil(await core.nats_latency_ms())
         pending, max_size = await core.queue_state()
         nats_up = core.nc.is_connected
     except Exception:

@@ -48,7 +48,10 @@ def create_lite_app(core: GatewayCore) -> Quart:
             message = exc.description or exc.name
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = {"error": {"message": message, "type": kind, "param": None, "code": _HTTP_CODES.get(status)}}
-        return json_response(body, status=status)
+        headers = {"x-should-retry": "false"}
+        if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return json_response(body, status=status, headers=headers)
 
     @app.errorhandler(Exception)
     async def on_unexpected(exc: Exception) -> Response:

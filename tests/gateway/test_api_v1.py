@@ -121,6 +121,8 @@ async def test_health_details_reports_workers_queue_and_nats(gateway: Gateway) -
     assert coord["workers"]["healthy"] >= 1 and coord["workers"]["total"] >= coord["workers"]["healthy"]
     assert coord["queue"] == {"pendingTasks": 0, "maxSize": 1000}
     assert details["components"]["nats"]["details"]["connected"] is True
+    latency = details["components"]["nats"]["details"]["latencyMs"]
+    assert isinstance(latency, int) and latency >= 1  # whole milliseconds, as in the spec's example
     assert details["components"]["gateway"]["details"]["uptime"].endswith("s")
 
 

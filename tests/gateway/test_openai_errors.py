@@ -177,7 +177,7 @@ async def test_malformed_json_and_unknown_routes_get_openai_shaped_errors(gatewa
             headers={"Content-Type": "application/json"},
         )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-    assert nowhere.status_code == 404
+    assert nowhere.status_code == 404 and nowhere.headers["x-should-retry"] == "false"
     assert nowhere.json() == {
         "error": {
             "message": "Invalid URL (GET /v1/embeddings)",
