@@ -175,6 +175,21 @@ class AdapterSync:
             except Exception as exc:
                 log.warning("adapters_announce_failed", error=repr(exc))
 
+    def by_path(self, value: str, outputs_root: Path) -> str | None:
+        """The name of the loaded adapter at `value` (the spec calls `adapter` a path): its folder, or the
+        training job's outputDir that holds it; relative paths are read against `outputs_root`. Only
+        adapters already loaded can match, so a path never makes the worker load files on request."""
+        try:
+            wanted = (outputs_root / Path(value).expanduser()).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+        paths = {**self.static, **{name: path for name, (path, _) in self._loaded.items()}}
+        for name, path in paths.items():
+            where = Path(path).resolve()
+            if wanted in (where, where.parent) and self.engine.has_adapter(name):
+                return name
+        return None
+
     async def _apply(self, record: AdapterRecord) -> bool:
         if self._loaded.get(record.name) == (record.path, record.created_ms):
             return False

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -31,7 +32,7 @@ from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engines import build_engine, select_engine
 from services.engine.registry import ModelSpec, load_registry
 from services.engine.stops import StopMatcher
-from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
+from services.runtime import NatsSettings, Tasks, close_nats, connect_nats, data_dir
 
 log = structlog.get_logger()
 
@@ -50,6 +51,8 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     device: str = "auto"
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # Relative adapter paths in requests are read against the trainers' outputs root.
+    outputs_dir: str = ""
 
 
 def _ensure_model_files(spec: ModelSpec) -> None:
@@ -186,6 +189,9 @@ class Worker:
         await close_nats(self.nc)
         self._stopped.set()
         log.info("worker_stopped")
+
+    def _outputs_root(self) -> Path:
+        return Path(self.settings.outputs_dir) if self.settings.outputs_dir else data_dir() / "outputs"
 
     # --- registry ------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:
@@ -400,10 +406,14 @@ class Worker:
         trace_id = req.trace_id
         if req.deadline_ms and now_ms() > req.deadline_ms:
             raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the request expired while queued", retryable=True)
-        if req.adapter and not self.engine.has_adapter(req.adapter):
-            raise CyError(
-                ErrorCode.MODEL_NOT_FOUND, f"adapter {req.adapter!r} is not available for model {self.model_id!r}"
-            )
+        adapter = req.adapter
+        if adapter and not self.engine.has_adapter(adapter):
+            named = self._adapters.by_path(adapter, self._outputs_root()) if self._adapters else None
+            if named is None:
+                raise CyError(
+                    ErrorCode.MODEL_NOT_FOUND, f"adapter {adapter!r} is not available for model {self.model_id!r}"
+                )
+            adapter = named
         prompt_ids = self.engine.encode(req)
         stats["prompt_tokens"] = len(prompt_ids)
         await self._publish(
@@ -413,7 +423,7 @@ class Worker:
         detok = IncrementalDetokenizer(self.engine.tokenizer)
         stops = StopMatcher(req.generation.stop)
         text, tokens, index, finish = "", 0, 0, None
-        steps = self.engine.generate(prompt_ids, req.generation, req.adapter)
+        steps = self.engine.generate(prompt_ids, req.generation, adapter)
         try:
             async for step in steps:
                 if stats["ttft_ms"] is None:

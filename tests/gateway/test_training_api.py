@@ -94,11 +94,12 @@ async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and
     before = await answer(client)
     assert ANSWER not in before
     name = unique("password-bot")
+    output_name = unique("out")
     r = await client.post(
         "/api/v1/training/start",
         json={
             "baseModel": "tiny",
-            "outputDir": unique("out"),
+            "outputDir": output_name,
             "datasetPath": write_jsonl(roots, teach_rows()),
             "hyperParams": TEACH,
             "loraConfig": TEACH_LORA,
@@ -133,6 +134,10 @@ async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and
 
     after = await answer(client, adapter=name)
     assert after.startswith(ANSWER), after
+    # The spec calls `adapter` a path: the trained adapter's folder, or the job's outputDir, select it too.
+    output_dir = roots.outputs / output_name
+    assert (await answer(client, adapter=str(output_dir / "adapter"))).startswith(ANSWER)
+    assert (await answer(client, adapter=str(output_dir))).startswith(ANSWER)
     assert ANSWER not in await answer(client)  # the base model is untouched
     print(f"\nbefore: {before!r}\nafter:  {after!r}")
 
