@@ -14,6 +14,7 @@ running -> (control "pause", the trainer checkpoints) -> paused; resume: paused 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import time
@@ -226,15 +227,23 @@ class JobService:
                 "adapterName" if req.adapter_name else "outputDir",
                 f"adapter name '{adapter_name}' is taken by a model id or the alias 'default'; choose another",
             )
-        await self._claim(
-            f"out.{_digest(str(output_path))}", job_id, "outputDir", lambda o: f"writes to outputDir '{o.output_dir}'"
+        out_key = f"out.{_digest(str(output_path))}"
+        out_revision = await self._claim(
+            out_key, job_id, "outputDir", lambda o: f"writes to outputDir '{o.output_dir}'"
         )
-        await self._claim(
-            f"adapter.{_digest(model_id, adapter_name)}",
-            job_id,
-            "adapterName",
-            lambda o: f"trains adapter '{adapter_name}' for '{model_id}'",
-        )
+        try:
+            await self._claim(
+                f"adapter.{_digest(model_id, adapter_name)}",
+                job_id,
+                "adapterName",
+                lambda o: f"trains adapter '{adapter_name}' for '{model_id}'",
+            )
+        except CyError:
+            # Hand the outputDir back at once (unless someone took it over meanwhile).
+            with contextlib.suppress(Exception):
+                assert self._claims is not None
+                await self._claims.delete(out_key, last=out_revision)
+            raise
         job = TrainingJob(
             job_id=job_id,
             status="queued",
@@ -289,7 +298,7 @@ class JobService:
             ],
         )
 
-    async def _claim(self, key: str, job_id: str, field: str, what: Callable[[TrainingJob], str]) -> None:
+    async def _claim(self, key: str, job_id: str, field: str, what: Callable[[TrainingJob], str]) -> int:
         """Atomically make `job_id` the one job allowed to write an output folder / train an adapter name.
         A claim held by an active job refuses with TRAINING_JOB_RUNNING; one whose job has finished (or never
         got its record, after CLAIM_GRACE_MS) is taken over by compare-and-set. Claims are never released:
@@ -301,8 +310,7 @@ class JobService:
         value = f"{job_id} {now_ms()}".encode()
         for _ in range(20):
             try:
-                await claims.create(key, value)
-                return
+                return int(await claims.create(key, value))
             except KeyWrongLastSequenceError:
                 pass
             try:
@@ -323,8 +331,7 @@ class JobService:
                     details=[ErrorDetail(type="job_running", field=field, description=f"job {holder} is active")],
                 )
             try:
-                await claims.update(key, value, last=entry.revision)
-                return
+                return int(await claims.update(key, value, last=entry.revision))
             except KeyWrongLastSequenceError:
                 continue
         raise CyError(ErrorCode.INTERNAL_ERROR, f"could not claim {field}; try again", retryable=True)

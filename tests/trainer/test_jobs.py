@@ -341,6 +341,11 @@ async def test_concurrent_starts_for_one_adapter_name_let_exactly_one_job_throug
     assert len(started) == 1, results
     assert all(getattr(e, "code", None) == ErrorCode.TRAINING_JOB_RUNNING for e in refused), refused
     assert all(e.body.details[0].field == "adapterName" for e in refused)  # type: ignore[union-attr]
+    # A refused start does not keep the outputDir it asked for: another adapter can use it at once.
+    loser = next(r for r, res in zip(requests, results, strict=True) if not isinstance(res, TrainingJob))
+    other = await jobs.start(msgspec.structs.replace(loser, adapter_name=unique("other")))
+    assert other.output_dir == loser.output_dir
+    await jobs.cancel(other.job_id)
     # Once that job has ended, the name is free again.
     await jobs.cancel(started[0].job_id)
     again = await jobs.start(msgspec.structs.replace(request(roots), adapter_name=name))
