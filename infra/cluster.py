@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,12 +54,40 @@ def start_node(node: Node, nodes: list[Node], root: Path, token: str = "") -> su
     return subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
 
 
-def start_cluster(root: Path, base_port: int, token: str = "") -> tuple[list[Node], list[subprocess.Popen[bytes]]]:
-    nodes = plan(base_port)
+def plan_free(size: int = 3) -> list[Node]:
+    """Like `plan`, on ports the OS reports free right now (all held open at once, so all distinct)."""
+    socks = []
+    try:
+        for _ in range(2 * size):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        ports = [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    return [Node(f"n{i + 1}", ports[i], ports[size + i]) for i in range(size)]
+
+
+def start_cluster(
+    root: Path, nodes: list[Node], token: str = "", timeout: float = 30.0
+) -> list[subprocess.Popen[bytes]]:
+    """Start every node and wait until each accepts clients; a node that exits fails at once with its log."""
     procs = [start_node(n, nodes, root, token) for n in nodes]
-    for n in nodes:
-        wait_for_port(n.client_port)
-    return nodes, procs
+    for node, proc in zip(nodes, procs, strict=True):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait_for_port(node.client_port, timeout=0.5)
+                break
+            except TimeoutError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                    log = (root / node.name / "nats.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"cluster node {node.name} did not start: {log}") from None
+    return procs
 
 
 def servers_for(home: Node, nodes: list[Node]) -> str:
@@ -75,7 +104,8 @@ def main() -> int:
     token, _ = _secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
     base = int(env.get("CY_LLM_CLUSTER_BASE_PORT", "4230"))
     env.update(CY_LLM_API_KEY=api_key, CY_LLM_INTERNAL_TOKEN=token, CY_LLM_DATA_DIR=str(data), CY_LLM_JS_REPLICAS="3")
-    nodes, procs = start_cluster(root, base, token)
+    nodes = plan(base)
+    procs = start_cluster(root, nodes, token)
     print("[cluster] nodes: " + ", ".join(f"{n.name}={n.url}" for n in nodes), flush=True)
     time.sleep(2)  # let the JetStream meta group elect a leader before the services create R3 streams
     layout = [

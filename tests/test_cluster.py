@@ -8,8 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.cluster import servers_for, start_cluster
-from infra.nats import free_port
+from infra.cluster import plan_free, servers_for, start_cluster
 from schemas.inference import StreamEnd
 from services import streams
 from services.engine.registry import Registry
@@ -22,8 +21,8 @@ async def test_killing_one_nats_node_loses_no_stream_no_queued_request_and_servi
     tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CY_LLM_JS_REPLICAS", "3")
-    base = free_port() + 1000
-    nodes, procs = start_cluster(tmp_path, base)
+    nodes = plan_free()
+    procs = start_cluster(tmp_path, nodes)
     try:
         direct = await connect(servers_for(nodes[2], nodes).split(",")[0])
         for _ in range(100):  # until the JetStream meta group has a leader
