@@ -185,6 +185,12 @@ class Trainer:
             return
         if ticket.ticket != job.ticket or job.status not in ("queued", "running"):
             log.info("training_ticket_stale", job_id=job.job_id, status=job.status)
+            if job.status == "cancelled" and job.control == "cancel" and ticket.ticket == job.ticket:
+                # Cancelled while running, and its trainer never acked the ticket: that trainer died before it
+                # could write the job's last event, so it falls to us.
+                await self.jobs.event(
+                    job, "cancelled", "cancelled while running; its trainer had stopped", job.progress
+                )
             await msg.ack()
             return
         if job.status == "running" and job.restarts >= self.settings.trainer_max_restarts:

@@ -114,3 +114,28 @@ async def test_a_trainer_killed_mid_job_leaves_it_to_the_next_which_resumes_to_t
     for step in range(saved + 1, STEPS + 1):
         assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
     assert events[-1].kind == "completed"
+
+
+async def test_a_job_cancelled_after_its_trainer_was_killed_still_ends_with_a_cancelled_event(
+    nats_server: NatsServer, registry: Registry, registry_file: Path, jobs: JobService, roots: Roots
+) -> None:
+    doomed = TrainerProcess(nats_server.url, registry_file, roots, unique("doomed"))
+    try:
+        job = await jobs.start(request(write_jsonl(roots, varied_rows(16))))
+        for _ in range(1200):
+            if (await jobs.get(job.job_id)).progress.step >= 2:
+                break
+            assert doomed.proc.poll() is None, doomed.stderr_tail()
+            await asyncio.sleep(0.05)
+    finally:
+        doomed.kill()
+    assert (await jobs.cancel(job.job_id)).status == "cancelled"
+    async with running_trainer(nats_server.url, registry, roots):  # it gets the dead trainer's ticket
+        deadline = asyncio.get_running_loop().time() + ACK_WAIT_S + 30
+        while True:
+            events = await events_of(nats_server.url, job.job_id)
+            if (events and events[-1].kind == "cancelled") or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert events[-1].kind == "cancelled" and [e.kind for e in events].count("cancelled") == 1, events[-3:]
+    assert (await jobs.get(job.job_id)).status == "cancelled"
