@@ -127,7 +127,7 @@ TRAINING_EVENTS_PER_JOB = 100_000
 
 
 async def ensure_training(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
-    """The jobs, claims and adapters buckets, the job queue and the events stream. Returns (jobs, adapters)."""
+    """The jobs and adapters buckets, the job queue and the events stream. Returns (jobs, adapters)."""
     await ensure_stream(
         js,
         StreamConfig(
@@ -151,7 +151,6 @@ async def ensure_training(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
         ),
     )
     jobs = await ensure_bucket(js, subjects.TRAINING_JOBS_BUCKET)
-    await ensure_bucket(js, subjects.TRAINING_CLAIMS_BUCKET)
     return jobs, await ensure_adapters_bucket(js)
 
 

@@ -303,8 +303,7 @@ class JobService:
         A claim held by an active job refuses with TRAINING_JOB_RUNNING; one whose job has finished (or never
         got its record, after CLAIM_GRACE_MS) is taken over by compare-and-set. Claims are never released:
         they go stale when their job ends, so a crash can never leave a name locked."""
-        if self._claims is None:
-            await self.kv()  # creates every training bucket
+        if self._claims is None:  # only `start` needs the claims bucket
             self._claims = await streams.ensure_bucket(self.js, subjects.TRAINING_CLAIMS_BUCKET)
         claims = self._claims
         value = f"{job_id} {now_ms()}".encode()
