@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import structlog
 from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.api_v1 import health, inference, models, training
 from gateway.api_v1.auth import require_api_key
 from gateway.core import GatewayCore
-from gateway.http_errors import error_response
+from gateway.http_errors import envelope, error_response
+from gateway.server import harden, hypercorn_config, refuse_empty_segments, sent_path
 from gateway.settings import GatewaySettings
 from schemas.errors import CyError, ErrorCode
 
@@ -33,6 +34,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     """The spec's REST API under /api/v1, every route behind X-API-Key."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
     for module in (inference, models, health, training):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
 
@@ -41,6 +43,7 @@ def create_api_app(core: GatewayCore) -> Quart:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(service="gateway", path=request.path)
         require_api_key(core.settings.api_key)
+        refuse_empty_segments()
 
     @app.errorhandler(CyError)
     async def on_cy_error(exc: CyError) -> Response:
@@ -50,7 +53,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     async def on_http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 404:
-            error = CyError(ErrorCode.INVALID_REQUEST, f"no route {request.method} {request.path}")
+            error = CyError(ErrorCode.INVALID_REQUEST, f"no route {request.method} {sent_path()}")
             response = error_response(error)
             response.status_code = 404
             return response
@@ -70,16 +73,6 @@ def create_api_app(core: GatewayCore) -> Quart:
         return error_response(CyError(ErrorCode.INTERNAL_ERROR, "internal error"))
 
     return app
-
-
-def hypercorn_config(host: str, port: int) -> HypercornConfig:
-    config = HypercornConfig()
-    config.bind = [f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 30
-    config.keep_alive_timeout = 75
-    return config
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:

@@ -36,6 +36,15 @@ def error_response(error: CyError) -> Response:
     return json_response(envelope(error), status=error.status, headers=headers)
 
 
+def unreadable_json(exc: UnicodeDecodeError | RecursionError) -> str:
+    """Why msgspec could not read a body, for the two failures it does not raise as DecodeError: bytes that
+    are not UTF-8 inside a string, and arrays/objects nested past the recursion limit (an `Any` field takes
+    any depth). The reason never quotes the body: it would carry prompt text into responses and logs."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not valid UTF-8 ({exc.reason})"
+    return "arrays or objects are nested too deeply"
+
+
 def decode_body(data: bytes, type_: type[T]) -> T:
     """Decode a JSON body into `type_`. Raises CyError(INVALID_REQUEST) naming the bad field."""
     if not data.strip():
@@ -61,3 +70,10 @@ def decode_body(data: bytes, type_: type[T]) -> T:
             f"malformed JSON body: {exc}",
             details=[ErrorDetail(type="malformed_json", description=str(exc))],
         ) from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        reason = unreadable_json(exc)
+        raise CyError(
+            ErrorCode.INVALID_REQUEST,
+            f"malformed JSON body: {reason}",
+            details=[ErrorDetail(type="malformed_json", description=reason)],
+        ) from None

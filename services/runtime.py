@@ -59,14 +59,21 @@ def data_dir() -> Path:
 def configure_logging(service: str, level: str | None = None) -> None:
     """structlog once per process: console on a TTY, JSON lines otherwise; contextvars bound per request."""
     level_name = (level or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "info")).upper()
-    renderer: Any = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    # Tracebacks without frame locals: structlog's and rich's defaults render them, and a request
+    # handler's locals hold the request body (prompt text would land in the logs).
+    output: list[Any]
+    if sys.stderr.isatty():
+        tracebacks = structlog.dev.RichTracebackFormatter(show_locals=False)
+        output = [structlog.dev.ConsoleRenderer(exception_formatter=tracebacks)]
+    else:
+        tracebacks_as_dicts = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        output = [structlog.processors.ExceptionRenderer(tracebacks_as_dicts), structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            renderer,
+            *output,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level_name]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

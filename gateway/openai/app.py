@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
@@ -10,7 +11,8 @@ from gateway.core import GatewayCore
 from gateway.http_errors import json_response
 from gateway.openai import completions, health, models
 from gateway.openai.auth import require_bearer
-from gateway.openai.errors import error_response
+from gateway.openai.errors import error_response, openai_error
+from gateway.server import harden, refuse_empty_segments, sent_path
 from schemas.errors import CyError, ErrorCode
 
 log = structlog.get_logger()
@@ -22,6 +24,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
     """The Lite API. /v1 needs `Authorization: Bearer <GATEWAY_API_TOKEN>` when that token is set."""
     app = Quart("cy-llm-lite")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    harden(app, lambda error: (msgspec.json.encode(openai_error(error)[1]), {"x-should-retry": "false"}))
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(health.make_blueprint(core))
@@ -32,6 +35,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
         structlog.contextvars.bind_contextvars(service="gateway-lite", path=request.path)
         if request.path == "/v1" or request.path.startswith("/v1/"):
             require_bearer(core.settings.gateway_api_token)
+        refuse_empty_segments()
 
     @app.errorhandler(CyError)
     async def on_cy_error(exc: CyError) -> Response:
@@ -41,7 +45,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
     async def on_http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if status == 404:
-            message = f"Invalid URL ({request.method} {request.path})"
+            message = f"Invalid URL ({request.method} {sent_path()})"
         elif status == 413:
             message = f"The request body exceeds {core.settings.max_body_bytes} bytes."
         else:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 from quart import Response
 
-from gateway.http_errors import json_response
+from gateway.http_errors import json_response, unreadable_json
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 
 T = TypeVar("T")
@@ -92,3 +92,7 @@ def decode_request(data: bytes, type_: type[T]) -> T:
         raise bad_request(
             None, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise bad_request(
+            None, f"We could not parse the JSON body of your request: {unreadable_json(exc)}", code="invalid_json"
+        ) from None

@@ -1,0 +1,205 @@
+"""Requests that break before a route sees them (bytes that are not UTF-8, JSON nested past the recursion
+limit, request heads the HTTP server refuses, paths with `//`): each gets a 4xx in the API's own error
+shape, through the real hypercorn server, and no request text reaches the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import structlog
+
+from tests.helpers import API_KEY, Gateway
+
+API_ROUTES = ["/inference", "/inference/stream", "/inference/streamWithMetadata", "/training/start"]
+LITE_ROUTES = ["/chat/completions", "/completions"]
+DEEP = 5000
+
+
+def marker() -> str:
+    return f"SECRET-PROMPT-{uuid.uuid4().hex}"
+
+
+def assert_spec_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = r.json()["error"]
+    assert set(error) == {"code", "message", "details"} and error["code"] == "INVALID_REQUEST", error
+    return error
+
+
+def assert_openai_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", error
+    return error
+
+
+def assert_logs_hold_no(secret: str, events: list[dict[str, Any]]) -> None:
+    assert not [e for e in events if e.get("log_level") in ("error", "critical")], events
+    assert secret not in repr(events)
+
+
+# --- item 1: invalid UTF-8 --------------------------------------------------------------------------
+@pytest.mark.parametrize("route", API_ROUTES)
+async def test_invalid_utf8_in_a_rest_body_is_a_400_in_the_spec_envelope_and_stays_out_of_the_logs(
+    gateway: Gateway, route: str
+) -> None:
+    secret = marker()
+    field = b'"datasetPath"' if route == "/training/start" else b'"prompt"'
+    data = b"{" + field + b': "' + secret.encode() + b' \xff\xfe"}'
+    async with gateway.client() as client:
+        with structlog.testing.capture_logs() as events:
+            r = await client.post(f"/api/v1{route}", content=data, headers={"content-type": "application/json"})
+    error = assert_spec_error(r, 400)
+    assert "UTF-8" in error["message"] and error["details"][0]["type"] == "malformed_json", error
+    assert secret not in r.text
+    assert_logs_hold_no(secret, events)
+
+
+@pytest.mark.parametrize("route", LITE_ROUTES)
+async def test_invalid_utf8_in_an_openai_body_is_a_400_invalid_request_error_and_stays_out_of_the_logs(
+    gateway: Gateway, route: str
+) -> None:
+    secret = marker()
+    data = (
+        b'{"model": "default", "prompt": "'
+        if route == "/completions"
+        else b'{"model": "default", "messages": [{"role": "user", "content": "'
+    )
+    data += secret.encode() + b" \xc3\x28" + (b'"}' if route == "/completions" else b'"}]}')
+    async with httpx.AsyncClient(base_url=str(gateway.lite_url), timeout=60) as client:
+        with structlog.testing.capture_logs() as events:
+            r = await client.post(route, content=data, headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400)
+    assert error["code"] == "invalid_json" and "UTF-8" in error["message"], error
+    assert secret not in r.text
+    assert_logs_hold_no(secret, events)
+
+
+# --- item 2: nesting past the recursion limit in untyped fields --------------------------------------
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/completions", '{"prompt": %s}'),
+        ("/completions", '{"prompt": "hi", "logit_bias": %s}'),
+        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi", "tool_calls": %s}]}'),
+        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": %s}'),
+        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "response_format": %s}'),
+    ],
+)
+async def test_json_nested_past_the_recursion_limit_in_any_untyped_openai_field_is_a_400(
+    gateway: Gateway, route: str, body: str
+) -> None:
+    async with httpx.AsyncClient(base_url=str(gateway.lite_url), timeout=60) as client:
+        with structlog.testing.capture_logs() as events:
+            r = await client.post(route, content=body % nested(DEEP), headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400)
+    assert error["code"] == "invalid_json" and "nested" in error["message"], error
+    assert_logs_hold_no("[[[[", events)
+
+
+async def test_json_nested_past_the_recursion_limit_in_a_rest_body_is_a_400(gateway: Gateway) -> None:
+    async with gateway.client() as client:
+        for route in API_ROUTES:
+            r = await client.post(f"/api/v1{route}", content=f'{{"prompt": {nested(DEEP)}}}')
+            assert_spec_error(r, 400)
+
+
+# --- item 6: what the HTTP server layer refuses -----------------------------------------------------
+async def raw_exchange(url: str, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (a request without a body) over a fresh TCP connection to the server behind `url`;
+    returns (status, headers, body) of the first response."""
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(1 << 20), 10)
+        while b"\r\n\r\n" not in raw:
+            more = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not more:
+                break
+            raw += more
+        status_line, _, rest = raw.partition(b"\r\n")
+        header_block, _, body = rest.partition(b"\r\n\r\n")
+        headers = {}
+        for line in header_block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            headers[name.decode().strip().lower()] = value.decode().strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            more = await asyncio.wait_for(reader.read(1 << 20), 10)
+            if not more:
+                break
+            body += more
+        return int(status_line.split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+def request_head(target: str, auth: str, extra: bytes = b"") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode() + extra + b"Connection: close\r\n\r\n"
+
+
+def servers(gateway: Gateway) -> list[tuple[str, str, str]]:
+    """(base URL, auth header, API shape) for the two apps."""
+    return [
+        (gateway.api_url, f"X-API-Key: {API_KEY}", "spec"),
+        (str(gateway.lite_url), "Authorization: Bearer unused", "openai"),
+    ]
+
+
+def assert_shape(shape: str, status: int, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    assert headers.get("content-type", "").startswith("application/json"), (status, headers, body)
+    error: dict[str, Any] = json.loads(body)["error"]
+    if shape == "spec":
+        assert set(error) == {"code", "message", "details"} and error["code"] == "INVALID_REQUEST", error
+    else:
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    return error
+
+
+async def test_request_headers_over_the_limit_get_431_in_each_apis_error_shape(gateway: Gateway) -> None:
+    for url, auth, shape in servers(gateway):
+        huge = b"X-Filler: " + b"a" * 64 * 1024 + b"\r\n"
+        status, headers, body = await raw_exchange(url, request_head("/health", auth, huge))
+        assert status == 431, (status, headers, body)
+        error = assert_shape(shape, status, headers, body)
+        assert "header" in error["message"].lower()
+
+
+async def test_a_nul_byte_in_a_header_value_gets_400_in_each_apis_error_shape(gateway: Gateway) -> None:
+    for url, auth, shape in servers(gateway):
+        status, headers, body = await raw_exchange(url, request_head("/health", auth, b"X-Bad: a\x00b\r\n"))
+        assert status == 400, (status, headers, body)
+        assert_shape(shape, status, headers, body)
+
+
+@pytest.mark.parametrize(
+    "target", ["//api/v1/inference", "/api/v1//inference", "/api//v1/inference", "//v1/chat/completions"]
+)
+async def test_a_path_with_a_double_slash_is_a_404_in_each_apis_error_shape_not_a_redirect(
+    gateway: Gateway, target: str
+) -> None:
+    # Sent as typed: a client library might normalise the path before the server could see it.
+    body = b'{"modelId": "tiny", "model": "default", "prompt": "hi"}'
+    for url, auth, shape in servers(gateway):
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        status, headers, reply = await raw_exchange(url, head.encode() + body)
+        assert status == 404 and "location" not in headers, (url, status, headers, reply)
+        error = assert_shape(shape, status, headers, reply)
+        assert target in error["message"], error
