@@ -8,17 +8,23 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from gateway.nats_client import InferenceClient
+from gateway.nats_client import InferenceClient, LinkWatch
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
 from services import streams
 from services.engine.registry import Registry, load_registry
-from services.runtime import close_nats, connect_nats
+from services.runtime import Tasks, close_nats, connect_nats
+
+log = structlog.get_logger()
+
+# How often a gateway looks for requests queued for a hinted worker that is gone.
+HINT_SWEEP_INTERVAL_S = 5.0
 
 
 class GatewayCore:
@@ -32,12 +38,16 @@ class GatewayCore:
         self._idle = asyncio.Event()
         self._idle.set()
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_concurrent)
+        self.link = LinkWatch()
+        self._tasks = Tasks()
         self.nc: NATS
         self.js: JetStreamContext
         self.inference: InferenceClient
 
     async def start(self) -> None:
-        self.nc = await connect_nats(self.settings, name="cy-gateway")
+        self.nc = await connect_nats(
+            self.settings, name="cy-gateway", reconnected=self._reensure, disconnected=self.link.dropped
+        )
         self.js = self.nc.jetstream()
         await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
         kv = await streams.ensure_workers_bucket(self.js)
@@ -48,9 +58,29 @@ class GatewayCore:
             self.workers,
             queue_timeout=self.settings.queue_timeout,
             request_timeout=self.settings.request_timeout,
+            link=self.link,
         )
+        self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
+
+    async def _reensure(self) -> None:
+        """After a reconnect the server may lack what we use (the memory-backed workers bucket always, the
+        rest when its store was lost): re-create it all and reload the workers view."""
+        await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        kv = await streams.ensure_workers_bucket(self.js)
+        await self.workers.reload(kv)
+        await streams.ensure_training_after_reconnect(self.js)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HINT_SWEEP_INTERVAL_S)
+            try:
+                await self.inference.sweep_orphaned_hints()
+            except Exception as exc:  # NATS down or JetStream electing: try again next round
+                log.debug("hint_sweep_failed", error=repr(exc))
 
     async def close(self) -> None:
+        self._tasks.cancel_all()
+        await self._tasks.close(timeout=1)
         await close_nats(getattr(self, "nc", None))
 
     @contextlib.asynccontextmanager

@@ -6,13 +6,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from gateway.workers import WorkersView
 from schemas import codec, subjects
@@ -26,6 +27,29 @@ _QUEUE_FULL = 10077  # JetStream: maximum messages exceeded (discard=new)
 
 class _WorkerLost(Exception):
     pass
+
+
+class _HintedWorkerGone(Exception):
+    pass
+
+
+class LinkWatch:
+    """Counts the drops of one NATS connection. Replies are core-NATS messages: any that a worker published
+    while we were disconnected are gone, so a stream that was open across a drop cannot be trusted to be
+    complete."""
+
+    def __init__(self) -> None:
+        self.drops = 0
+
+    def dropped(self) -> None:
+        self.drops += 1
+
+
+class Queued(msgspec.Struct, frozen=True):
+    """Where a request waits in the work queue: its subject and its stream sequence (to take it back)."""
+
+    subject: str
+    seq: int
 
 
 class ReplyStream:
@@ -43,12 +67,19 @@ class ReplyStream:
         *,
         queue_timeout: float,
         request_timeout: float,
-        requeue: Callable[[GenerateRequest], Awaitable[None]] | None = None,
+        requeue: Callable[[GenerateRequest], Awaitable[Queued]] | None = None,
+        reroute: Callable[[Queued, GenerateRequest], Awaitable[Queued | None]] | None = None,
+        link: LinkWatch | None = None,
         retries: int = 1,
     ) -> None:
         self._sub = sub
         self.request = request
         self._workers = workers
+        self._reroute = reroute
+        self._link = link or LinkWatch()
+        self._drops = self._link.drops
+        self.queued: Queued | None = None
+        self.replied = False
         self._queue_timeout = queue_timeout
         self._request_timeout = request_timeout
         self._accepted_at: float | None = None
@@ -69,13 +100,16 @@ class ReplyStream:
             now = time.monotonic()
             try:
                 self._check_deadlines(now)
+            except _HintedWorkerGone:
+                await self._leave_hint()
+                continue
             except _WorkerLost:
                 if self._next_index == 0 and self._retries > 0 and self._requeue is not None:
                     log.warning("worker_lost_retrying", worker_id=self.worker_id)
                     self._retries -= 1
                     self._accepted_at, self.worker_id = None, ""
                     self._queued_at = now
-                    await self._requeue(self.request)
+                    self.queued = await self._requeue(self.request)
                     continue
                 self.finished = True
                 raise CyError(
@@ -89,7 +123,18 @@ class ReplyStream:
                 continue
             return self._accept(codec.reply_decoder.decode(msg.data))
 
+    async def _leave_hint(self) -> None:
+        """The hinted worker died before pulling the request: take it back and queue it on its tier."""
+        queued, self.queued = self.queued, None
+        if queued is None or self._reroute is None:
+            return
+        moved = await self._reroute(queued, self.request)
+        if moved is not None:
+            log.warning("hinted_worker_gone_rerouted", worker_hint=self.request.worker_hint, subject=moved.subject)
+            self.queued = moved
+
     def _accept(self, reply: Reply) -> Reply:
+        self.replied = True
         match reply:
             case Accepted():
                 self._accepted_at, self.worker_id = time.monotonic(), reply.worker_id
@@ -107,6 +152,14 @@ class ReplyStream:
         return reply
 
     def _check_deadlines(self, now: float) -> None:
+        if self._link.drops != self._drops and self.replied:
+            # Checked before the worker's liveness: during an outage its heartbeats stop reaching us too.
+            self.finished = True
+            raise CyError(
+                ErrorCode.INTERNAL_ERROR,
+                "the NATS connection was lost mid-stream; replies sent meanwhile are gone",
+                retryable=True,
+            )
         if self._accepted_at is None and now - self._queued_at > self._queue_timeout:
             self.finished = True
             raise CyError(
@@ -119,6 +172,13 @@ class ReplyStream:
             info = self._workers.get(self.worker_id)
             if info is None or not self._workers.is_healthy(info):
                 raise _WorkerLost
+        if (
+            self._accepted_at is None
+            and self.queued is not None
+            and subjects.is_hinted_subject(self.queued.subject)
+            and not self._workers.is_alive(self.request.worker_hint)
+        ):
+            raise _HintedWorkerGone
         if now - self.started > self._request_timeout:
             self.finished = True
             raise CyError(ErrorCode.INTERNAL_ERROR, f"request exceeded {self._request_timeout:g}s")
@@ -126,13 +186,21 @@ class ReplyStream:
 
 class InferenceClient:
     def __init__(
-        self, nc: NATS, js: JetStreamContext, workers: WorkersView, *, queue_timeout: float, request_timeout: float
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        workers: WorkersView,
+        *,
+        queue_timeout: float,
+        request_timeout: float,
+        link: LinkWatch | None = None,
     ) -> None:
         self.nc = nc
         self.js = js
         self.workers = workers
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
+        self.link = link or LinkWatch()
 
     def check_ready(self, model_id: str) -> None:
         """Fail fast when nobody can serve the model. Raises CyError (503)."""
@@ -150,6 +218,7 @@ class InferenceClient:
         )
 
     def subject_for(self, request: GenerateRequest) -> str:
+        """The hinted worker's subject while the workers bucket shows it alive, else the model's tier."""
         if request.worker_hint and self.workers.is_alive(request.worker_hint):
             return subjects.hinted_subject(request.model_id, request.worker_hint)
         return subjects.generate_subject(request.model_id, subjects.tier_of(request.priority))
@@ -165,20 +234,70 @@ class InferenceClient:
             queue_timeout=self.queue_timeout,
             request_timeout=self.request_timeout,
             requeue=self._enqueue,
+            reroute=self._reroute,
+            link=self.link,
         )
         try:
-            await self._enqueue(request)
+            stream.queued = await self._enqueue(request)
             yield stream
         finally:
             if not stream.finished:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(subjects.cancel_subject(request.trace_id), b"")
+            if stream.queued is not None and not stream.replied:
+                # Nobody took it (queue timeout, client gone): a request nobody waits for must not stay queued.
+                await self._take_back(stream.queued)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _enqueue(self, request: GenerateRequest) -> None:
+    async def _take_back(self, queued: Queued) -> bool:
+        """Delete a queued request by its sequence. False when it is no longer queued (a worker has it, or
+        someone else took it back first: deleting is atomic, so exactly one taker republishes)."""
         try:
-            await self.js.publish(self.subject_for(request), codec.encode(request), timeout=5)
+            return bool(await self.js.delete_msg(subjects.GENERATE_STREAM, queued.seq))
+        except (NotFoundError, APIError):
+            return False
+        except Exception as exc:  # NATS down: the stream's max_age still bounds how long it stays
+            log.warning("queued_request_not_removed", seq=queued.seq, error=repr(exc))
+            return False
+
+    async def _reroute(self, queued: Queued, request: GenerateRequest) -> Queued | None:
+        if not await self._take_back(queued):
+            return None
+        return await self._enqueue(request)
+
+    async def sweep_orphaned_hints(self) -> int:
+        """Move requests waiting on the hint subject of a worker that is gone (a direct publisher's, or one
+        whose gateway died) to their model's tier. Returns how many were moved."""
+        info = await self.js.stream_info(subjects.GENERATE_STREAM, subjects_filter=subjects.HINTED_SUBJECTS)
+        moved = 0
+        for subject, count in (info.state.subjects or {}).items():
+            if self.workers.is_alive(subjects.worker_of_hinted_subject(subject)):
+                continue
+            seq = 0
+            for _ in range(count):
+                try:
+                    raw = await self.js.get_msg(subjects.GENERATE_STREAM, seq=seq + 1, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                seq = int(raw.seq or 0)
+                try:
+                    request = codec.request_decoder.decode(raw.data or b"")
+                    target = subjects.generate_subject(request.model_id, subjects.tier_of(request.priority))
+                except (codec.DecodeError, codec.ValidationError):
+                    target = subjects.generate_subject(subjects.model_of_hinted_subject(subject))
+                if await self._take_back(Queued(subject, seq)):
+                    await self.js.publish(target, raw.data or b"", timeout=5)
+                    moved += 1
+        if moved:
+            log.warning("orphaned_hints_rerouted", moved=moved)
+        return moved
+
+    async def _enqueue(self, request: GenerateRequest) -> Queued:
+        subject = self.subject_for(request)
+        try:
+            ack = await self.js.publish(subject, codec.encode(request), timeout=5)
+            return Queued(subject, int(ack.seq))
         except APIError as exc:
             if exc.err_code == _QUEUE_FULL:
                 raise CyError(

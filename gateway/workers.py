@@ -25,6 +25,10 @@ class WorkersView:
 
     async def start(self, nc: NATS, kv: KeyValue) -> None:
         await nc.subscribe(subjects.workers_updates(), cb=self._on_update)
+        await self.reload(kv)
+
+    async def reload(self, kv: KeyValue) -> None:
+        """Read every announcement stored in the bucket (at start, and after a reconnect)."""
         try:
             for key in await kv.keys():
                 entry = await kv.get(key)

@@ -63,6 +63,23 @@ def hinted_subject(model_id: str, worker_id: str) -> str:
     return f"{PREFIX}.gen.{token(model_id)}.hint.{token(worker_id)}"
 
 
+# Every hinted request subject, of every model and worker.
+HINTED_SUBJECTS = f"{PREFIX}.gen.*.hint.*"
+
+
+def is_hinted_subject(subject: str) -> bool:
+    parts = subject.split(".")
+    return len(parts) == 6 and subject.startswith(f"{PREFIX}.gen.") and parts[4] == "hint"
+
+
+def worker_of_hinted_subject(subject: str) -> str:
+    return untoken(subject.rsplit(".", 1)[-1])
+
+
+def model_of_hinted_subject(subject: str) -> str:
+    return untoken(subject.split(".")[3])
+
+
 def model_requests_filter(model_id: str) -> str:
     """Every request subject of one model (workers use it as a wake-up doorbell)."""
     return f"{PREFIX}.gen.{token(model_id)}.>"

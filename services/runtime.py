@@ -82,18 +82,50 @@ def configure_logging(service: str, level: str | None = None) -> None:
     structlog.contextvars.bind_contextvars(service=service)
 
 
-async def connect_nats(settings: NatsSettings, name: str, **kwargs: Any) -> NATS:
-    """Connect with endless reconnects (a restarting nats-server must not kill a service)."""
+async def connect_nats(
+    settings: NatsSettings,
+    name: str,
+    *,
+    reconnected: Callable[[], Awaitable[None]] | None = None,
+    disconnected: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> NATS:
+    """Connect with endless reconnects (a restarting nats-server must not kill a service).
+
+    `reconnected` runs in a background task after every reconnect: the server may have come back without
+    what the service created (a memory-backed bucket, or its whole store), so services re-create their
+    streams, buckets and consumers there. A newer reconnect cancels a hook still running from an older one.
+    `disconnected` is called at once when the connection drops (replies in flight may be lost from now on).
+    """
     log = structlog.get_logger()
+    hook: asyncio.Task[None] | None = None
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", error=repr(exc))
 
     async def on_disconnect() -> None:
         log.warning("nats_disconnected")
+        if disconnected is not None:
+            disconnected()
+
+    async def run_hook(hook_fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await hook_fn()
+            log.info("nats_resources_reensured")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("nats_reensure_failed", error=repr(exc))
 
     async def on_reconnect() -> None:
+        nonlocal hook
         log.info("nats_reconnected")
+        if reconnected is None:
+            return
+        # Not awaited here: nats-py awaits this callback inside its reconnect loop.
+        if hook is not None and not hook.done():
+            hook.cancel()
+        hook = asyncio.create_task(run_hook(reconnected), name=f"{name}-reensure")
 
     # A comma-separated list names several cluster nodes; the first is this service's home node,
     # the others are failover targets.

@@ -154,6 +154,13 @@ async def ensure_training(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
     return jobs, await ensure_adapters_bucket(js)
 
 
+async def ensure_training_after_reconnect(js: JetStreamContext) -> None:
+    """Everything training uses, the claims bucket included: run after a reconnect, since the server may
+    have come back without its store (the claims bucket is otherwise created only where a start needs it)."""
+    await ensure_training(js)
+    await ensure_bucket(js, subjects.TRAINING_CLAIMS_BUCKET)
+
+
 async def ensure_adapters_bucket(js: JetStreamContext) -> KeyValue:
     return await ensure_bucket(js, subjects.ADAPTERS_BUCKET)
 

@@ -268,3 +268,45 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+class PacedEngine:
+    """A real engine (the tiny model) that sleeps `pace` seconds before each step: a stream stays in flight
+    long enough for a test to break something under it."""
+
+    def __new__(cls, spec: ModelSpec, pace: float, slots: int = 4) -> Any:
+        from collections.abc import AsyncIterator as _AsyncIterator
+
+        from schemas.inference import GenerationParams
+        from services.engine.base import TokenStep
+        from services.engine.engines import build_engine
+
+        inner = build_engine("transformers", spec, slots=slots, device="cpu")
+        original = inner.generate
+
+        async def generate(prompt_ids: list[int], params: GenerationParams, adapter: str) -> _AsyncIterator[TokenStep]:
+            steps = original(prompt_ids, params, adapter)
+            try:
+                async for step in steps:
+                    await asyncio.sleep(pace)
+                    yield step
+            finally:
+                await steps.aclose()  # type: ignore[attr-defined]
+
+        inner.generate = generate  # type: ignore[method-assign]
+        return inner
+
+
+@contextlib.asynccontextmanager
+async def running_paced_worker(
+    nats_url: str, registry: Registry, model_id: str, pace: float, **overrides: Any
+) -> AsyncIterator[Worker]:
+    """`running_worker` whose engine emits one step every `pace` seconds."""
+    settings = WorkerSettings(nats_url=nats_url, model=model_id, **overrides)
+    spec = registry.models[model_id]
+    worker = Worker(settings, engine=PacedEngine(spec, pace, slots=settings.slots), spec=(model_id, spec))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()

@@ -100,6 +100,8 @@ class Worker:
         self._started_ms = now_ms()
         self._consumers: list[str] = []
         self._adapters: AdapterSync | None = None
+        self._reensuring: asyncio.Task[Any] | None = None
+        self._reensured_at = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Worker:
@@ -111,7 +113,7 @@ class Worker:
 
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
-        self.nc = await connect_nats(self.settings, name=f"cy-worker-{self.worker_id}")
+        self.nc = await connect_nats(self.settings, name=f"cy-worker-{self.worker_id}", reconnected=self._reensure)
         js = self.nc.jetstream()
         await streams.ensure_generate_stream(js, self.settings.queue_max_size)
         self._kv = await streams.ensure_workers_bucket(js)
@@ -159,6 +161,17 @@ class Worker:
             )
             await streams.admin(partial(js.add_consumer, subjects.GENERATE_STREAM, config), f"consumer {name}")
         self._consumers = [name for name, _, _ in wanted]
+
+    async def _reensure(self) -> None:
+        """After a reconnect (or a pull that finds no consumer): the server may have lost the memory-backed
+        workers bucket or its whole store; re-create the queue, the bucket and our consumers, re-announce."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        await streams.ensure_generate_stream(js, self.settings.queue_max_size)
+        self._kv = await streams.ensure_workers_bucket(js)
+        await self._ensure_consumers(js)
+        await self._announce()
+        self._doorbell.set()
 
     async def stopped(self) -> None:
         await self._stopped.wait()
@@ -277,7 +290,10 @@ class Worker:
                 msg = await self._pull_sub.next_msg(timeout=2)
             except (TimeoutError, NatsTimeoutError):
                 continue
-            if msg.headers and msg.headers.get("Status"):
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "503" and not self._stopping:  # no responders: the consumer or the stream is gone
+                self._maybe_reensure()
+            if status:
                 continue  # 404 no messages / 408: nothing for this tier
             return msg
         try:
@@ -285,6 +301,12 @@ class Worker:
         except TimeoutError:
             pass
         return None
+
+    def _maybe_reensure(self) -> None:
+        if (self._reensuring is None or self._reensuring.done()) and time.monotonic() - self._reensured_at > 5.0:
+            self._reensured_at = time.monotonic()
+            log.warning("consumer_missing_reensuring")
+            self._reensuring = self._tasks.spawn(self._reensure(), name="reensure")
 
     async def _serve(self, msg: Msg) -> None:
         try:

@@ -116,7 +116,7 @@ class Trainer:
 
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(trainer_id=self.trainer_id)
-        self.nc = await connect_nats(self.settings, name=f"cy-trainer-{self.trainer_id}")
+        self.nc = await connect_nats(self.settings, name=f"cy-trainer-{self.trainer_id}", reconnected=self._reensure)
         js = self.nc.jetstream()
         self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
         await self.jobs.kv()
@@ -129,6 +129,13 @@ class Trainer:
         await self.nc.subscribe(subjects.TRAINING_CONTROL_ALL, cb=self._on_control)
         self._tasks.spawn(self._pull_loop(), name="pull")
         log.info("trainer_ready", datasets=str(self.roots.datasets), outputs=str(self.roots.outputs))
+
+    async def _reensure(self) -> None:
+        """After a reconnect: the server may have come back without its store; re-create what we use."""
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        await streams.ensure_training_after_reconnect(js)
+        await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
 
     async def stop(self) -> None:
         """Checkpoint and requeue the running job (bounded by trainer_drain_timeout), then disconnect.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from schemas import codec, subjects
 from schemas.inference import Accepted, GenerateRequest, GenerationParams, Reply, StreamEnd, StreamError, TokenChunk
@@ -46,7 +47,7 @@ async def submit(nc: NATS, req: GenerateRequest, subject: str | None = None) -> 
     """Subscribe to the reply subject, then publish on the work queue."""
     out = Collected(req.trace_id)
 
-    async def on_reply(msg: nats.aio.msg.Msg) -> None:
+    async def on_reply(msg: Msg) -> None:
         reply = codec.reply_decoder.decode(msg.data)
         out.replies.append(reply)
         if isinstance(reply, StreamEnd | StreamError):
