@@ -45,7 +45,8 @@ class Control(Protocol):
         """What the job was asked to do since the last step (None: keep training)."""
 
     def report(self, kind: EventKind, progress: Progress, message: str = "") -> None:
-        """Progress, eval, checkpoint and start/resume events."""
+        """Progress, eval, checkpoint and start/resume events. The `progress.step` of a "checkpoint" event
+        is the step it saved; of a "started"/"resumed" event, the checkpoint it continues from (0: none)."""
 
 
 @dataclass(frozen=True)

@@ -307,17 +307,24 @@ class Trainer:
             kind, progress, message = item
             try:
                 await self.jobs.event(bridge.job, kind, message, progress)
+                # Not throttled: every event but "step", so a saved checkpoint shows in the record at once.
                 if kind != "step" or loop_time() - last_write >= PROGRESS_WRITE_INTERVAL_S:
                     last_write = loop_time()
-                    await self._write_progress(bridge, progress, message if kind != "step" else "")
+                    # These events' step is the last checkpoint's (loop.Control.report).
+                    checkpoint = progress.step if kind in ("checkpoint", "started", "resumed") else None
+                    await self._write_progress(bridge, progress, message if kind != "step" else "", checkpoint)
             except Exception as exc:
                 log.warning("training_progress_failed", error=repr(exc))
 
-    async def _write_progress(self, bridge: _Bridge, progress: Progress, message: str) -> None:
+    async def _write_progress(
+        self, bridge: _Bridge, progress: Progress, message: str, checkpoint_step: int | None
+    ) -> None:
         def change(job: TrainingJob) -> TrainingJob | None:
             if job.owner != self.trainer_id or job.status != "running":
                 return None
             job.progress = progress
+            if checkpoint_step is not None:
+                job.checkpoint_step = checkpoint_step
             if message:
                 job.message = message
             return job

@@ -194,6 +194,25 @@ async def test_pause_and_resume_over_http_continue_from_the_checkpoint(
     assert "already completed" in error_of(again)["message"]
 
 
+async def test_checkpoint_step_reports_the_last_saved_checkpoint_while_the_job_runs(
+    client: httpx.AsyncClient, trainer: Trainer, roots: Roots
+) -> None:
+    body = start_body(roots, hyperParams={**FAST, "epochs": 500, "saveSteps": 3})
+    job_id = (await client.post("/api/v1/training/start", json=body)).json()["jobId"]
+    seen: list[tuple[str, int, int]] = []
+    for _ in range(600):
+        data = (await client.get(f"/api/v1/training/status/{job_id}")).json()
+        seen.append((data["status"], data["progress"]["currentStep"], data["checkpointStep"]))
+        if data["progress"]["currentStep"] >= 10 or data["checkpointStep"] >= 6:
+            break
+        await asyncio.sleep(0.05)
+    await client.post(f"/api/v1/training/cancel/{job_id}")
+    running = [(step, checkpoint) for status, step, checkpoint in seen if status == "running"]
+    assert running and running[-1][1] >= 3, seen
+    # Always a step a checkpoint was saved at, never ahead of the progress it is reported with.
+    assert all(checkpoint % 3 == 0 and checkpoint <= step for step, checkpoint in running), seen
+
+
 async def wait_until_step(client: httpx.AsyncClient, job_id: str, step: int) -> None:
     for _ in range(600):
         data = (await client.get(f"/api/v1/training/status/{job_id}")).json()
