@@ -3,6 +3,10 @@
 Starts nats-server (JetStream, store under the data folder), one engine worker for the default model,
 one LoRA trainer, and the gateway (/api/v1 on 8080, /v1 on 8000). Creates the API key and the internal NATS token once
 (stored under the data folder) when they are not set. Ctrl-C stops everything in order.
+
+It supervises what it started: a worker or trainer that exits is started again after a delay that doubles with each
+quick crash (1 s, 2 s, 4 s ... at most 60 s; back to 1 s once a run lasted a minute); losing nats-server or the
+gateway stops the whole stack.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.model_files import ensure_model
@@ -34,11 +40,11 @@ def _secret(env: dict[str, str], var: str, path: Path) -> tuple[str, bool]:
     return value, True
 
 
-def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], ready: bytes, timeout: float = 600) -> bool:
-    """Poll `url` until its body contains `ready` (False if a component exits or `timeout` passes)."""
+def _wait_ready(url: str, key: str, alive: Callable[[], bool], ready: bytes, timeout: float = 600) -> bool:
+    """Poll `url` until its body contains `ready` (False if `alive()` turns False or `timeout` passes)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
+        if not alive():
             return False
         try:
             req = urllib.request.Request(url, headers={"X-API-Key": key})
@@ -49,6 +55,79 @@ def _wait_ready(url: str, key: str, procs: list[subprocess.Popen[bytes]], ready:
             pass
         time.sleep(0.5)
     return False
+
+
+def _say(line: str) -> None:
+    print(f"[cy-llm] {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Child:
+    """One supervised process. `restart`: start it again when it exits (workers, trainers); otherwise its exit
+    stops the stack (nats-server, the gateway)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    restart: bool
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    crashes: int = 0  # quick exits in a row: the exponent of the next delay
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Starts children and keeps the restartable ones running; `poll()` is called from the main loop."""
+
+    backoff_s: float = 1.0
+    backoff_max_s: float = 60.0
+    stable_s: float = 60.0  # a run this long resets the delay
+    log: Callable[[str], None] = _say
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], *, restart: bool) -> Child:
+        child = Child(name, argv, env, restart)
+        self._spawn(child)
+        self.children.append(child)
+        return child
+
+    def adopt(self, name: str, proc: subprocess.Popen[bytes]) -> Child:
+        """A process started elsewhere (nats-server): watched, never restarted."""
+        child = Child(name, [], {}, False, proc, time.monotonic())
+        self.children.append(child)
+        return child
+
+    def _spawn(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, env=child.env)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+
+    def poll(self) -> Child | None:
+        """Restart what is due; returns the first non-restartable child that has exited (the stack must stop)."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.restarts += 1
+                    self.log(f"restarting {child.name} (restart #{child.restarts})")
+                    self._spawn(child)
+                continue
+            code = child.proc.poll() if child.proc is not None else None
+            if code is None:
+                continue
+            if not child.restart:
+                return child
+            child.crashes = 1 if now - child.started_at >= self.stable_s else child.crashes + 1
+            delay = min(self.backoff_s * 2 ** (child.crashes - 1), self.backoff_max_s)
+            child.restart_at = now + delay
+            self.log(f"{child.name} exited with code {code}; restarting it in {delay:g}s")
+        return None
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The live processes, in start order (for `stop_in_order`)."""
+        return [c.proc for c in self.children if c.proc is not None and c.restart_at is None]
 
 
 def main() -> int:
@@ -72,19 +151,21 @@ def main() -> int:
     print(f"[cy-llm] preparing model {resolved[0]} ...", flush=True)
     ensure_model(resolved[1])
 
-    procs: list[subprocess.Popen[bytes]] = []
+    sup = Supervisor()
     if embedded:
         print(f"[cy-llm] nats-server ({nats_server_binary()}) on 127.0.0.1:{nats_port}", flush=True)
-        procs.append(start_nats(data, port=nats_port, token=token, log_file=data / "nats.log"))
+        sup.adopt("nats-server", start_nats(data, port=nats_port, token=token, log_file=data / "nats.log"))
     workers = int(env.get("CY_LLM_WORKERS", "1"))
     for i in range(workers):
-        wenv = dict(env, CY_LLM_WORKER_ID=env.get("CY_LLM_WORKER_ID", f"worker-{i + 1}"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.engine"], env=wenv))
+        wid = env.get("CY_LLM_WORKER_ID", f"worker-{i + 1}")
+        wenv = dict(env, CY_LLM_WORKER_ID=wid)
+        sup.start(f"worker {wid}", [sys.executable, "-m", "services.engine"], wenv, restart=True)
     # The trainer idles until a job arrives (LoRA jobs: /api/v1/training/start); CY_LLM_TRAINERS=0 leaves it out.
     for i in range(int(env.get("CY_LLM_TRAINERS", "1"))):
-        tenv = dict(env, CY_LLM_TRAINER_ID=env.get("CY_LLM_TRAINER_ID", f"trainer-{i + 1}"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "services.trainer"], env=tenv))
-    procs.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=env))
+        tid = env.get("CY_LLM_TRAINER_ID", f"trainer-{i + 1}")
+        tenv = dict(env, CY_LLM_TRAINER_ID=tid)
+        sup.start(f"trainer {tid}", [sys.executable, "-m", "services.trainer"], tenv, restart=True)
+    sup.start("gateway", [sys.executable, "-m", "gateway"], env, restart=False)
 
     stop = False
 
@@ -101,7 +182,7 @@ def main() -> int:
     # "ready" means a request succeeds now: the default model is loaded on a worker (with no workers of our
     # own, the gateway answering is all we can wait for).
     url = f"http://{host}:{port}/api/v1/" + (f"models/{resolved[0]}" if workers else "health")
-    if _wait_ready(url, api_key, procs, b'"status":"ready"' if workers else b'"status"'):
+    if _wait_ready(url, api_key, lambda: sup.poll() is None, b'"status":"ready"' if workers else b'"status"'):
         print("\n[cy-llm] ready", flush=True)
         print(f"  REST API    http://{host}:{port}/api/v1   (header X-API-Key)", flush=True)
         print(f"  OpenAI API  http://{host}:{lite}/v1", flush=True)
@@ -117,12 +198,13 @@ def main() -> int:
         print(f"  NATS        {env['CY_LLM_NATS_URL']}   (token in {data / 'internal_token'})\n", flush=True)
     code = 0
     while not stop:
-        if any(p.poll() is not None for p in procs):
-            print("[cy-llm] a component exited; stopping the stack", file=sys.stderr, flush=True)
+        lost = sup.poll()
+        if lost is not None:
+            _say(f"{lost.name} exited; stopping the stack")
             code = 1
             break
         time.sleep(0.5)
-    stop_in_order(procs)  # gateway first, nats-server last
+    stop_in_order(sup.processes())  # gateway first, nats-server last
     return code
 
 
