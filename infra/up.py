@@ -195,7 +195,7 @@ def main() -> int:
             ),
             flush=True,
         )
-        print(f"  NATS        {env['CY_LLM_NATS_URL']}   (token in {data / 'internal_token'})\n", flush=True)
+        print(f"  NATS        {env['CY_LLM_NATS_URL']}   (publishers: python -m infra.nats mint-publisher NAME)\n", flush=True)
     code = 0
     while not stop:
         lost = sup.poll()

@@ -17,7 +17,10 @@ _BUCKET_PREFIX = "cy_v1"
 TIERS: tuple[str, ...] = ("high", "normal", "low")
 
 _SAFE = re.compile(r"[A-Za-z0-9-]")
-_TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# One token, or `<owner>.<id>`: a direct publisher's trace ids carry its name so that its NATS user can be
+# allowed its own reply and cancel subjects only (permissions match whole tokens, never a prefix of one).
+_TRACE_ID = re.compile(r"^([A-Za-z0-9-]{1,64}\.)?[A-Za-z0-9_-]{1,128}$")
+_OWNER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 def token(value: str) -> str:
@@ -40,8 +43,18 @@ def untoken(value: str) -> str:
 
 
 def is_valid_trace_id(trace_id: str) -> bool:
-    """Trace ids name reply subjects, so they are restricted to one safe token."""
+    """Trace ids name reply subjects: one safe token, or `<owner>.<token>` (see `owned_trace_id`)."""
     return bool(_TRACE_ID.match(trace_id))
+
+
+def is_valid_owner(owner: str) -> bool:
+    """Direct publisher names: letters, digits and '-' (one subject token, unchanged by `token()`)."""
+    return bool(_OWNER.match(owner))
+
+
+def owned_trace_id(owner: str, local_id: str) -> str:
+    """A trace id whose reply and cancel subjects only `owner` (and the services) may use."""
+    return f"{owner}.{local_id}"
 
 
 def tier_of(priority: int) -> str:
@@ -105,11 +118,39 @@ def cancel_subject(trace_id: str) -> str:
     return f"{PREFIX}.cancel.{trace_id}"
 
 
-CANCEL_ALL = f"{PREFIX}.cancel.*"
+STREAM_ALL = f"{PREFIX}.stream.>"
+# `>`, not `*`: an owned trace id is two tokens.
+CANCEL_ALL = f"{PREFIX}.cancel.>"
 
 
 def trace_of_cancel(subject: str) -> str:
-    return subject.rsplit(".", 1)[-1]
+    return subject.removeprefix(f"{PREFIX}.cancel.")
+
+
+def owned_streams(owner: str) -> str:
+    """Every reply subject of `owner`'s trace ids (what a publisher's NATS user may subscribe to)."""
+    return f"{PREFIX}.stream.{owner}.>"
+
+
+def owned_cancels(owner: str) -> str:
+    return f"{PREFIX}.cancel.{owner}.>"
+
+
+# --- NATS permissions (infra/nats.py renders them into the server config) ---------------------
+JS_API_ALL = "$JS.API.>"
+JS_ACK_ALL = "$JS.ACK.>"
+INBOX_ALL = "_INBOX.>"
+
+
+def publisher_inbox_prefix(owner: str) -> str:
+    """A direct publisher's `inbox_prefix` (nats-py): its replies (JetStream acks) arrive under it, so it
+    may subscribe there and not to `_INBOX.>`, where every other client's replies go."""
+    return f"_INBOX_pub.{owner}"
+
+
+def kv_subjects(bucket: str) -> str:
+    """Every key of a KV bucket, as subjects (puts are publishes here, watchers subscribe here)."""
+    return f"$KV.{bucket}.>"
 
 
 # --- workers registry (JetStream KV with TTL) -----------------------------------------------------
@@ -139,6 +180,7 @@ TRAINING_CONTROL_ALL = f"{PREFIX}.training.control.*"
 TRAINING_API_ALL = f"{PREFIX}.training.api.*"
 # Queue group of the TrainingService responders (every trainer answers; one answers each request).
 TRAINING_API_GROUP = "training-api"
+TRAINING_ALL = f"{PREFIX}.training.>"
 
 
 def training_events_subject(job_id: str) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -49,7 +51,17 @@ def load_settings(cls: type[S], *, prefix: str = ENV_PREFIX, env: dict[str, str]
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
+    # The services' shared secret: each service connects as its role's NATS user with a password derived
+    # from it (`role_password`); nats.conf holds only bcrypt hashes of those passwords.
     internal_token: str = ""
+    # An explicit NATS user instead (a minted publisher credential, or a user managed outside this repo).
+    nats_user: str = ""
+    nats_password: str = ""
+
+
+def role_password(token: str, role: str) -> str:
+    """The NATS password of a service role (gateway, worker, trainer), derived from the internal token."""
+    return hmac.new(token.encode(), f"cy-llm nats user {role}".encode(), hashlib.sha256).hexdigest()
 
 
 def data_dir() -> Path:
@@ -86,6 +98,7 @@ async def connect_nats(
     settings: NatsSettings,
     name: str,
     *,
+    role: str = "",
     reconnected: Callable[[], Awaitable[None]] | None = None,
     disconnected: Callable[[], None] | None = None,
     **kwargs: Any,
@@ -96,6 +109,9 @@ async def connect_nats(
     what the service created (a memory-backed bucket, or its whole store), so services re-create their
     streams, buckets and consumers there. A newer reconnect cancels a hook still running from an older one.
     `disconnected` is called at once when the connection drops (replies in flight may be lost from now on).
+
+    Credentials: `nats_user`/`nats_password` when set; else, with an internal token, the NATS user `role`
+    with its derived password (a `role` of "" sends the token itself, for servers configured with it).
     """
     log = structlog.get_logger()
     hook: asyncio.Task[None] | None = None
@@ -134,7 +150,7 @@ async def connect_nats(
         servers=servers,
         dont_randomize=True,
         name=name,
-        token=settings.internal_token or None,
+        **_credentials(settings, role),
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
@@ -143,6 +159,16 @@ async def connect_nats(
         reconnected_cb=on_reconnect,
         **kwargs,
     )
+
+
+def _credentials(settings: NatsSettings, role: str) -> dict[str, str]:
+    if settings.nats_user:
+        return {"user": settings.nats_user, "password": settings.nats_password}
+    if settings.internal_token and role:
+        return {"user": role, "password": role_password(settings.internal_token, role)}
+    if settings.internal_token:
+        return {"token": settings.internal_token}
+    return {}
 
 
 async def close_nats(nc: NATS | None, timeout: float = 5.0) -> None:

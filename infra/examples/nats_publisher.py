@@ -1,9 +1,12 @@
 """A direct NATS publisher: no HTTP, just the documented subjects and msgpack schemas.
 
-    CY_LLM_NATS_URL=nats://127.0.0.1:4222 CY_LLM_INTERNAL_TOKEN=$(cat .data/internal_token) \
+    .venv/bin/python -m infra.nats mint-publisher my-service     # once: prints (and saves) the credential
+    env $(cat .data/publisher-my-service.env) CY_LLM_NATS_URL=nats://127.0.0.1:4222 \
         .venv/bin/python -m infra.examples.nats_publisher "Tell me a joke"
 
 Only `nats-py` and `msgspec` are needed; the field names below are the wire contract (README, "NATS").
+A publisher's NATS user may only read its own replies: its trace ids are `<its name>.<anything>`, and its
+inbox prefix is `_INBOX_pub.<its name>` (where JetStream acks come back).
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ from schemas import subjects
 
 
 async def main(prompt: str, model_id: str) -> int:
+    # A server started without an internal token has no users: then any name will do.
+    name = os.environ.get("CY_LLM_NATS_USER") or "example"
     nc = await nats.connect(
         os.environ.get("CY_LLM_NATS_URL", "nats://127.0.0.1:4222"),
-        token=os.environ.get("CY_LLM_INTERNAL_TOKEN") or None,
+        user=os.environ.get("CY_LLM_NATS_USER") or None,
+        password=os.environ.get("CY_LLM_NATS_PASSWORD") or None,
+        inbox_prefix=subjects.publisher_inbox_prefix(name),  # "_INBOX_pub.<name>"
     )
     js = nc.jetstream()
-    trace_id = f"pub-{uuid.uuid4().hex}"
-    # 1. Subscribe to the reply subject BEFORE publishing, so no chunk can be missed.
+    trace_id = subjects.owned_trace_id(name, uuid.uuid4().hex)  # "<name>.<hex>"
+    # 1. Subscribe to the reply subject ("cy.v1.stream.<name>.<hex>") BEFORE publishing, so no chunk is missed.
+    #    Cancel with a publish on subjects.cancel_subject(trace_id) ("cy.v1.cancel.<name>.<hex>").
     replies = await nc.subscribe(subjects.stream_subject(trace_id))
     # 2. Publish the request on the work queue (JetStream acks it; a full queue raises at once).
     request = {

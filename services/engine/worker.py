@@ -113,7 +113,9 @@ class Worker:
 
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
-        self.nc = await connect_nats(self.settings, name=f"cy-worker-{self.worker_id}", reconnected=self._reensure)
+        self.nc = await connect_nats(
+            self.settings, name=f"cy-worker-{self.worker_id}", role="worker", reconnected=self._reensure
+        )
         js = self.nc.jetstream()
         await streams.ensure_generate_stream(js, self.settings.queue_max_size)
         self._kv = await streams.ensure_workers_bucket(js)

@@ -116,7 +116,9 @@ class Trainer:
 
     async def start(self) -> None:
         structlog.contextvars.bind_contextvars(trainer_id=self.trainer_id)
-        self.nc = await connect_nats(self.settings, name=f"cy-trainer-{self.trainer_id}", reconnected=self._reensure)
+        self.nc = await connect_nats(
+            self.settings, name=f"cy-trainer-{self.trainer_id}", role="trainer", reconnected=self._reensure
+        )
         js = self.nc.jetstream()
         self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
         await self.jobs.kv()

@@ -20,5 +20,15 @@ def test_every_request_subject_falls_under_the_stream_subjects() -> None:
 
 def test_trace_ids_that_could_escape_their_subject_are_rejected() -> None:
     assert subjects.is_valid_trace_id("gen-abc_123")
-    for bad in ("", "a.b", "a*", "a>", "a b", "x" * 200):
+    for bad in ("", "a.b.c", ".b", "a.", "a_x.b", "a*", "a>", "a b", "x" * 200):
         assert not subjects.is_valid_trace_id(bad)
+
+
+def test_a_publishers_trace_ids_live_under_its_own_reply_and_cancel_subjects() -> None:
+    trace_id = subjects.owned_trace_id("alice", "t1")
+    assert subjects.is_valid_trace_id(trace_id)
+    assert subjects.stream_subject(trace_id).startswith(subjects.owned_streams("alice")[:-1])
+    assert subjects.cancel_subject(trace_id).startswith(subjects.owned_cancels("alice")[:-1])
+    assert subjects.trace_of_cancel(subjects.cancel_subject(trace_id)) == trace_id
+    # A single-token (gateway) trace id is one token short of any publisher's `<name>.>` permission.
+    assert subjects.stream_subject("alice").count(".") == subjects.owned_streams("alice").count(".") - 1
