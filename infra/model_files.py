@@ -1,6 +1,8 @@
-"""Make a registry model's directory exist: convert a packaged GGUF once into safetensors.
+"""Make a registry model's directories exist: convert a packaged GGUF once into safetensors, and export that
+once to OpenVINO IR for the `cpu-openvino` engine.
 
-Loading the GGUF takes ~30 s (full dequantization); the converted directory loads in ~2 s.
+Loading the GGUF takes ~30 s (full dequantization); the converted directory loads in ~2 s. The OpenVINO export
+(`optimum-cli export openvino`, in the venv of infra/openvino_venv.sh) takes ~40 s and loads in ~2 s.
 A file lock makes concurrent starts (tests, `just up`, several workers) convert only once.
 """
 
@@ -8,13 +10,17 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
+from services.engine.engines import openvino_weights, select_engine
 from services.engine.registry import ModelSpec, load_registry
 
 log = structlog.get_logger()
@@ -70,6 +76,61 @@ def _convert(gguf: Path, target: Path) -> None:
     log.info("model_convert_done", target=str(target), seconds=round(time.monotonic() - started, 1))
 
 
+OpenVinoWeights = Literal["int8", "fp32"]
+EXPORT_VENV_ENV = "CY_LLM_OPENVINO_EXPORT_VENV"
+_OV_FILES = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+
+
+def export_venv() -> Path:
+    return Path(os.environ.get(EXPORT_VENV_ENV) or Path.home() / ".cache" / "cy-llm" / "venv-openvino-export")
+
+
+def openvino_dir(spec: ModelSpec, weights: OpenVinoWeights) -> Path:
+    """Where the OpenVINO export of `spec` with `weights` lives: beside the safetensors directory."""
+    source = Path(spec.model_path)
+    return source.with_name(f"{source.name}.openvino-{weights}")
+
+
+def ensure_openvino(spec: ModelSpec, weights: OpenVinoWeights = "int8") -> Path:
+    """Return the OpenVINO IR directory of `spec` (model + tokenizer + detokenizer), exporting it first if
+    needed. int8 weights (per-channel, asymmetric) are the fast default; fp32 is the exact mode.
+
+    Raises FileNotFoundError when the export is missing and the export venv is not there to make it.
+    """
+    target = openvino_dir(spec, weights)
+    if all((target / name).exists() for name in _OV_FILES):
+        return target
+    source = ensure_model(spec)
+    cli = export_venv() / "bin" / "optimum-cli"
+    if not cli.exists():
+        raise FileNotFoundError(
+            f"no OpenVINO export at {target} and no exporter at {cli}: run `bash infra/openvino_venv.sh` "
+            "(or `bash infra/setup.sh`), or choose CY_LLM_ENGINE=transformers"
+        )
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all((target / name).exists() for name in _OV_FILES):
+            return target
+        _export(cli, source, target, weights)
+    return target
+
+
+def _export(cli: Path, source: Path, target: Path, weights: OpenVinoWeights) -> None:
+    started = time.monotonic()
+    log.info("openvino_export_start", source=str(source), target=str(target), weights=weights)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [str(cli), "export", "openvino", "--model", str(source), "--task", "text-generation-with-past"]
+    command += ["--weight-format", weights, str(tmp)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"OpenVINO export failed ({done.returncode}): {done.stderr[-2000:]}")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("openvino_export_done", target=str(target), seconds=round(time.monotonic() - started, 1))
+
+
 def main(argv: list[str]) -> int:
     """`python -m infra.model_files [modelId ...]`: prepare the given (default: every) registry model."""
     registry = load_registry()
@@ -80,6 +141,8 @@ def main(argv: list[str]) -> int:
             print(f"unknown model {model_id!r}", file=sys.stderr)
             return 2
         print(f"{resolved[0]}: {ensure_model(resolved[1])}")
+        if select_engine(resolved[1], os.environ.get("CY_LLM_ENGINE", "")) == "cpu-openvino":
+            print(f"{resolved[0]} (cpu-openvino): {ensure_openvino(resolved[1], openvino_weights())}")
     return 0
 
 

