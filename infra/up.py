@@ -195,7 +195,8 @@ def main() -> int:
             ),
             flush=True,
         )
-        print(f"  NATS        {env['CY_LLM_NATS_URL']}   (publishers: python -m infra.nats mint-publisher NAME)\n", flush=True)
+        nats_url = env["CY_LLM_NATS_URL"]
+        print(f"  NATS        {nats_url}   (publishers: python -m infra.nats mint-publisher NAME)\n", flush=True)
     code = 0
     while not stop:
         lost = sup.poll()
