@@ -1,15 +1,21 @@
 """Continuous batching over a Hugging Face causal LM with one shared, left-padded KV cache.
 
-One thread owns the model. Each loop turn it admits waiting sequences (prefilled one at a time, then
-merged into the batch cache, left-padded to a common length), runs one decode step for every active
-sequence together, and drops finished or cancelled rows at once. A new request therefore joins the
-running batch without waiting for the others, and a finished one leaves it immediately.
-Rows keep their true position ids, so padding never shifts RoPE positions.
+One thread owns the model. Each loop turn it prefills waiting sequences within `prefill_budget` prompt
+tokens (a long prompt is prefilled in chunks over several turns, in a cache of its own), merges each
+fully prefilled sequence into the batch cache (left-padded to a common length), runs one decode step for
+every active sequence together, and drops finished or cancelled rows at once. A new request therefore
+joins the running batch without waiting for the others, a long prompt never stops the running streams
+for longer than one chunk, and a finished request leaves at once. Rows keep their true position ids, so
+padding never shifts RoPE positions. When a long sequence leaves (or the batch empties), the freed KV
+memory is handed back to the operating system (glibc keeps it otherwise: measured 1.0 -> 2.4 GB RSS
+after one 7,000-token prompt, and it stayed there).
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import inspect
 import threading
 from collections.abc import Callable
@@ -51,6 +57,8 @@ class Sequence:
         self.pos = len(prompt_ids)
         self.done = False
         self.cancelled = False
+        self.cache: DynamicCache | None = None  # its own cache while its prompt is prefilled in chunks
+        self.prefilled = 0
 
     def context(self) -> torch.Tensor:
         return torch.cat([self.prompt, torch.tensor(self.generated, dtype=torch.long, device=self.prompt.device)])
@@ -62,16 +70,30 @@ class Sequence:
         self.emit(TokenStep([token], finish))  # type: ignore[arg-type]
 
 
+# A sequence whose context reached this many tokens hands its KV memory back to the OS when it leaves.
+LONG_CONTEXT = 1024
+
+
 class Batcher:
-    def __init__(self, model: Any, eos_ids: frozenset[int], max_batch: int, *, uses_adapters: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        eos_ids: frozenset[int],
+        max_batch: int,
+        *,
+        uses_adapters: bool = False,
+        prefill_budget: int = 256,
+    ) -> None:
         self.model = model
         self.eos_ids = eos_ids
         self.max_batch = max_batch
+        self.prefill_budget = prefill_budget
         self.device = next(model.parameters()).device
         self._uses_adapters = uses_adapters
         self._cache_kw = _cache_keyword(model)
         self._cv = threading.Condition()
         self._pending: collections.deque[Sequence] = collections.deque()
+        self._prefilling: list[Sequence] = []
         self._active: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
@@ -82,7 +104,7 @@ class Batcher:
 
     @property
     def busy(self) -> int:
-        return len(self._active) + len(self._pending)
+        return len(self._active) + len(self._prefilling) + len(self._pending)
 
     def start(self) -> None:
         self._thread.start()
@@ -114,29 +136,28 @@ class Batcher:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._stopping and not self._pending and not self._active:
+                    while not self._stopping and not self._pending and not self._active and not self._prefilling:
                         self._cv.wait()
                     if self._stopping:
                         break
-                    admit: list[Sequence] = []
-                    while self._pending and len(self._active) + len(admit) < self.max_batch:
-                        admit.append(self._pending.popleft())
+                    while self._pending and len(self._active) + len(self._prefilling) < self.max_batch:
+                        self._prefilling.append(self._pending.popleft())
                 try:
                     with self.model_lock:
-                        for seq in admit:
-                            self._prefill(seq)
+                        self._prefill_within_budget()
                         self._drop_finished()
                         if self._active:
                             self._decode_step()
                             self._drop_finished()
                 except Exception as exc:  # a failed forward pass fails its batch, never the thread
                     log.exception("batch_step_failed")
-                    for seq in [*self._active, *admit]:
+                    for seq in [*self._active, *self._prefilling]:
                         if not seq.done:
                             seq.done = True
                             seq.emit(exc)
-                    self._active, self._cache, self._mask = [], None, None
-        for seq in [*self._active, *self._pending]:
+                    self._active, self._prefilling, self._cache, self._mask = [], [], None, None
+                    _release_memory()
+        for seq in [*self._active, *self._prefilling, *self._pending]:
             seq.emit(TokenStep([], "cancelled"))
 
     def _adapter_kwargs(self, seqs: list[Sequence]) -> dict[str, Any]:
@@ -144,21 +165,45 @@ class Batcher:
             return {}
         return {"adapter_names": [s.adapter or "__base__" for s in seqs]}
 
-    def _prefill(self, seq: Sequence) -> None:
-        if seq.cancelled:
-            seq.done = True
-            return
-        cache = DynamicCache(config=self.model.config)
+    def _prefill_within_budget(self) -> None:
+        """Prefill waiting prompts, oldest first, with at most `prefill_budget` prompt tokens this turn."""
+        budget = self.prefill_budget
+        for seq in list(self._prefilling):
+            if seq.cancelled:
+                self._prefilling.remove(seq)
+                seq.done = True
+                seq.emit(TokenStep([], "cancelled"))
+                continue
+            if budget <= 0:
+                break
+            take = min(budget, len(seq.prompt) - seq.prefilled)
+            budget -= take
+            if self._prefill_chunk(seq, take):
+                self._prefilling.remove(seq)
+
+    def _prefill_chunk(self, seq: Sequence, take: int) -> bool:
+        """Run the next `take` prompt tokens of `seq`; True once its prompt is done (first token picked)."""
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=self.model.config)
+        start, stop = seq.prefilled, seq.prefilled + take
         out = self.model(
-            input_ids=seq.prompt[None],
-            **{self._cache_kw: cache},
+            input_ids=seq.prompt[None, start:stop],
+            **{self._cache_kw: seq.cache},
             use_cache=True,
             logits_to_keep=1,
             **self._adapter_kwargs([seq]),
         )
+        seq.prefilled = stop
+        if stop < len(seq.prompt):
+            return False
+        cache, seq.cache = seq.cache, None
         seq.accept(self._pick(seq, out.logits[0, -1]), self.eos_ids)
         if not seq.done:
             self._merge(cache, seq)
+        elif len(seq.prompt) >= LONG_CONTEXT:
+            del cache
+            _release_memory()
+        return True
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
         generated = torch.tensor(seq.generated, dtype=torch.long, device=logits.device)
@@ -217,8 +262,11 @@ class Batcher:
             if s.cancelled and not s.done:
                 s.done = True
                 s.emit(TokenStep([], "cancelled"))
+        long_gone = any(s.pos >= LONG_CONTEXT for i, s in enumerate(self._active) if i not in keep)
         if not keep:
             self._active, self._cache, self._mask = [], None, None
+            if long_gone:
+                _release_memory()
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self._mask.index_select(0, index)
@@ -230,6 +278,24 @@ class Batcher:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
         self._active = [self._active[i] for i in keep]
+        if long_gone:
+            _release_memory()
+
+
+_LIBC: Any = None
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _plain_greedy(params: GenerationParams) -> bool:

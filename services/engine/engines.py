@@ -67,7 +67,12 @@ def build_engine(
         from services.engine.transformers_engine import TransformersEngine
 
         return TransformersEngine(
-            spec.model_path, max_model_len=spec.max_model_len, dtype=spec.dtype, slots=slots, device=device
+            spec.model_path,
+            max_model_len=spec.max_model_len,
+            dtype=spec.dtype,
+            slots=slots,
+            device=device,
+            prefill_budget=options.prefill_budget,
         )
     if name == "cpu-openvino":
         if importlib.util.find_spec("openvino_genai") is None:

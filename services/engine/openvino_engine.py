@@ -179,7 +179,11 @@ class OpenVinoEngine(Engine):
                 from services.engine.transformers_engine import TransformersEngine
 
                 lora = TransformersEngine(
-                    self.spec.model_path, max_model_len=self.max_model_len, dtype="float32", slots=self.slots
+                    self.spec.model_path,
+                    max_model_len=self.max_model_len,
+                    dtype="float32",
+                    slots=self.slots,
+                    prefill_budget=self.options.prefill_budget,
                 )
                 await lora.start()
                 self._lora = lora

@@ -34,9 +34,17 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(
-        self, model_path: str, *, max_model_len: int, dtype: str = "float32", slots: int = 8, device: str = "auto"
+        self,
+        model_path: str,
+        *,
+        max_model_len: int,
+        dtype: str = "float32",
+        slots: int = 8,
+        device: str = "auto",
+        prefill_budget: int = 256,
     ) -> None:
         self.model_path = model_path
+        self.prefill_budget = prefill_budget
         self.max_model_len = max_model_len
         self.slots = slots
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -75,7 +83,7 @@ class TransformersEngine(Engine):
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self._eos = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self._batcher = Batcher(self.model, self._eos, self.slots)
+        self._batcher = Batcher(self.model, self._eos, self.slots, prefill_budget=self.prefill_budget)
         log.info(
             "engine_loaded",
             engine=self.name,
