@@ -10,6 +10,7 @@ import pytest
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from services.engine.registry import Registry
 from services.engine.transformers_engine import TransformersEngine
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,7 @@ async def test_running_streams_keep_getting_tokens_while_a_long_prompt_is_prefil
             arrivals.append(loop.time())
 
     stream = asyncio.create_task(running())
-    while len(arrivals) < 3:
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: len(arrivals) >= 3, timeout=60)
     long_ids = prompt_ids(real_engine, " ".join(f"item {i} is a small red brick." for i in range(300)))
     assert len(long_ids) > 2500
     started = loop.time()
