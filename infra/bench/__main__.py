@@ -1,17 +1,22 @@
-"""`just bench [--quick] [--profile [STREAMS]] [--vllm [PYTHON]]`: the performance report.
+"""`just bench [--quick] [--no-transformers] [--profile [STREAMS]] [--vllm [PYTHON]]`: the performance report.
 
-Starts, one after the other (so each start is timed on its own):
-  1. the in-process engine (the floor: no NATS, no HTTP), in a subprocess of its own;
-  2. our stack (nats-server + worker + gateway, separate processes, as in production);
-  3. with --vllm: a second stack whose worker runs the cpu-vllm engine from the vLLM venv (see
+Every stack names its worker's engine (CY_LLM_ENGINE), so the figures never depend on what the registry's
+"auto" picks on this machine. Starts, one after the other (so each start is timed on its own):
+  1. the in-process transformers engine (the floor of the transformers stack: no NATS, no HTTP), in a
+     subprocess of its own;
+  2. our stack as production runs it on a CPU (nats-server + a cpu-openvino worker + gateway, separate
+     processes), measured through the gateway and through a direct NATS publisher;
+  3. unless --no-transformers: a second stack whose worker runs CY_LLM_ENGINE=transformers (same slots,
+     same gateway settings), the engine cpu-openvino replaced;
+  4. with --vllm: a third stack whose worker runs the cpu-vllm engine from the vLLM venv (see
      infra/bench/vllm_stack.py for its settings; the first start compiles for minutes);
-  4. the peer, `transformers serve --continuous-batching`, on the same model folder.
+  5. the peer, `transformers serve --continuous-batching`, on the same model folder.
 Then, for each concurrency level in turn, runs every target at that level back to back (in-process,
-direct NATS, gateway, gateway with the cpu-vllm worker, peer): same prompts, greedy decoding, fixed output
-length. Interleaving by level puts the figures that are compared close together in time. On a machine
-shared with other work that is not enough (torch's two threads stall whenever another process takes a
-core), so every level also reports how many cores other processes took while it ran: trust the levels
-where that is near 0.
+direct NATS, gateway with cpu-openvino, gateway with transformers, gateway with cpu-vllm, peer): same
+prompts, greedy decoding, fixed output length. Interleaving by level puts the figures that are compared
+close together in time. On a machine shared with other work that is not enough (the engines' threads
+stall whenever another process takes a core), so every level also reports how many cores other processes
+took while it ran: trust the levels where that is near 0.
 Writes bench-results/bench-<time>-<mode>.{json,png} plus a folder with every component's log, and
 prints the table.
 """
@@ -35,11 +40,12 @@ from infra.bench._sse import make_client
 from infra.bench.facts import CpuWatch, OtherProcesses, ProcessCpu, machine_facts
 from infra.bench.gateway_load import gateway_request
 from infra.bench.inprocess import InProcessTarget
-from infra.bench.nats_load import connect, nats_request, worker_info
+from infra.bench.nats_load import connect, connect_publisher, nats_request, worker_info
 from infra.bench.peer import PeerServer, missing_requirements, peer_request
 from infra.bench.profile import Profiler
-from infra.bench.stack import QUEUE_TIMEOUT_S, QUIET_ENV, Stack, StackError
-from infra.bench.workloads import FULL, PROMPTS, QUICK, TokenCounter, Workload, run_level
+from infra.bench.report import DEFAULT_ENGINE, TRANSFORMERS_TARGET
+from infra.bench.stack import PUBLISHER, QUEUE_TIMEOUT_S, QUIET_ENV, Stack, StackError
+from infra.bench.workloads import FULL, PROMPTS, QUICK, OneRequest, TokenCounter, Workload, run_level
 from services.runtime import REPO_ROOT
 
 LevelRunner = Callable[[int], Awaitable[dict[str, Any]]]
@@ -54,10 +60,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="just bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer levels and requests, shorter outputs (<5 min)")
-    parser.add_argument("--levels", help="concurrency levels (in-process, gateway, peer), e.g. 1,4,16,32")
+    parser.add_argument(
+        "--levels", help="concurrency levels (every target; direct NATS only at those also in 1,16), e.g. 1,8,16,32"
+    )
     parser.add_argument("--max-new-tokens", type=int, help="output length per request")
     parser.add_argument("--slots", type=int, default=int(os.environ.get("CY_LLM_SLOTS", "32")), help="worker slots")
     parser.add_argument("--no-peer", action="store_true", help="skip `transformers serve`")
+    parser.add_argument(
+        "--no-transformers",
+        action="store_true",
+        help="skip the second stack whose worker runs CY_LLM_ENGINE=transformers (the in-process floor, "
+        "a transformers engine too, still runs)",
+    )
     parser.add_argument(
         "--vllm",
         nargs="?",
@@ -80,14 +94,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const=16,
         help="after the gateway level with STREAMS streams (default 16), run it once more under py-spy "
-        "(gateway and worker; kept out of the tables) and print where the time went",
+        "(gateway and the cpu-openvino worker's asyncio process, not its OpenVINO engine process; kept out "
+        "of the tables) and print where the time went",
     )
     parser.add_argument(
         "--engine-env",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="environment variable for every engine process (worker, in-process, peer), e.g. OMP_WAIT_POLICY=PASSIVE",
+        help="environment variable for every engine process (workers, in-process, peer), e.g. "
+        "OMP_WAIT_POLICY=PASSIVE; CY_LLM_ENGINE is set per stack and cannot be changed here",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results", help="results folder")
     args = parser.parse_args(argv)
@@ -133,7 +149,9 @@ class Bench:
         async with contextlib.AsyncExitStack() as stack:
             await self._start_inprocess(stack)
             await self._start_ours(stack)
+            await self._start_transformers(stack)
             await self._start_vllm(stack)
+            self._check_slots()
             await self._start_peer(stack)
             w = self.workload
             stage(f"measuring: {w.max_new_tokens} new tokens per request, levels {sorted(self._all_levels())}")
@@ -158,7 +176,7 @@ class Bench:
         return {c for levels, _ in self.targets.values() for c in levels}
 
     async def _start_inprocess(self, stack: contextlib.AsyncExitStack) -> None:
-        stage("starting 1/4: in-process engine (the floor)")
+        stage("starting 1/5: in-process transformers engine (the floor of the transformers stack)")
         target = InProcessTarget(self.workload, self.args.slots, dict(os.environ, **QUIET_ENV, **self.env))
         await stack.enter_async_context(target)
         self.startup["inprocess_load_s"] = target.load_s
@@ -166,27 +184,72 @@ class Bench:
         assert target.proc is not None
         self.pids["in-process"] = {"engine": target.proc.pid}
 
-    async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
-        stage("starting 2/4: our stack: nats-server + worker + gateway (separate processes)")
-        ours = Stack(self.run_dir / "stack", model_id=self.model_id, slots=self.args.slots, env=self.env)
+    async def _launch(
+        self,
+        stack: contextlib.AsyncExitStack,
+        name: str,
+        folder: str,
+        engine: str,
+        *,
+        worker_python: str | None = None,
+        worker_env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> tuple[Stack, OneRequest]:
+        """Start one stack whose worker runs `engine`, wait for its first token, check that the worker
+        announced that engine. Raises StackError (the stack is stopped by then)."""
+        ours = Stack(
+            self.run_dir / folder,
+            model_id=self.model_id,
+            slots=self.args.slots,
+            engine=engine,
+            env=self.env,
+            worker_python=worker_python,
+            worker_env=worker_env,
+        )
         stack.callback(ours.stop)
-        ours.start()  # blocking on purpose: nothing else runs yet, and children must come from the main thread
+        try:
+            ours.start(timeout=timeout)  # blocking on purpose: nothing else runs, children come from the main thread
+        except StackError:
+            ours.stop()
+            raise
         client = await stack.enter_async_context(make_client(max(self.workload.levels)))
         gateway = gateway_request(client, ours.base_url, ours.api_key, self.counter)
         first = await gateway(PROMPTS[0], 8)  # includes the worker's first forward pass
-        self.startup["stack_ready_s"] = ours.ready_s
-        self.startup["stack_first_token_s"] = (ours.ready_s or 0) + (first.ttft or 0)
-        stage(f"    model ready behind the gateway after {ours.ready_s:.1f} s")
-        nc = await connect(ours.nats_url, ours.token)
+        self.startup[f"{name}_ready_s"] = ours.ready_s
+        self.startup[f"{name}_first_token_s"] = (ours.ready_s or 0) + (first.ttft or 0)
+        stage(f"    model ready behind the {engine} stack's gateway after {ours.ready_s:.1f} s")
+        observer = await connect(ours.nats_url, ours.token)
+        try:
+            self.workers[name] = info = await worker_info(observer, "bench-1")
+        finally:
+            await observer.drain()
+        if info.get("engine") != engine:
+            ours.stop()
+            raise StackError(
+                f"the worker announced engine {info.get('engine')!r}, not {engine!r}", ours.root / "worker.log"
+            )
+        self.pids[name] = {
+            "engine": ours.pid("worker"),  # with its children: OpenVINO's and vLLM's engine processes
+            "gateway": ours.pid("gateway"),
+            "nats-server": ours.pid("nats"),
+        }
+        return ours, gateway
+
+    def _add_gateway(self, name: str, gateway: OneRequest) -> None:
+        async def level(c: int) -> dict[str, Any]:
+            return (await run_level(name, gateway, c, self.workload)).to_json()
+
+        self.targets[name] = (self.workload.levels, level)
+
+    async def _start_ours(self, stack: contextlib.AsyncExitStack) -> None:
+        stage(f"starting 2/5: our stack as in production: nats-server + {DEFAULT_ENGINE} worker + gateway")
+        ours, gateway = await self._launch(stack, "gateway", "stack", DEFAULT_ENGINE)
+        nc = await connect_publisher(ours.nats_url, PUBLISHER, ours.publisher_password)
         stack.push_async_callback(nc.drain)
-        self.workers["gateway"] = await worker_info(nc, "bench-1")
-        direct = nats_request(nc, self.model_id, self.counter)
+        direct = nats_request(nc, self.model_id, self.counter, owner=PUBLISHER)
 
         async def nats_level(c: int) -> dict[str, Any]:
             return (await run_level("nats", direct, c, self.workload)).to_json()
-
-        async def gateway_level(c: int) -> dict[str, Any]:
-            return (await run_level("gateway", gateway, c, self.workload)).to_json()
 
         async def profiled_repeat(c: int) -> None:
             """The level again under py-spy, kept out of the tables (sampling costs CPU)."""
@@ -197,9 +260,22 @@ class Bench:
 
         self.profiled_repeat = profiled_repeat
         self.targets["nats"] = (self.workload.nats_levels, nats_level)
-        self.targets["gateway"] = (self.workload.levels, gateway_level)
-        pids = {"engine": ours.pid("worker"), "gateway": ours.pid("gateway"), "nats-server": ours.pid("nats")}
-        self.pids["nats"] = self.pids["gateway"] = pids
+        self._add_gateway("gateway", gateway)
+        self.pids["nats"] = self.pids["gateway"]
+
+    async def _start_transformers(self, stack: contextlib.AsyncExitStack) -> None:
+        """The same stack with a transformers worker (the engine before cpu-openvino); skipped when it fails."""
+        if self.args.no_transformers:
+            self.skipped[TRANSFORMERS_TARGET] = "--no-transformers"
+            return
+        stage("starting 3/5: a second stack with a transformers worker (same slots, same gateway settings)")
+        try:
+            _, gateway = await self._launch(stack, TRANSFORMERS_TARGET, "stack-transformers", "transformers")
+        except StackError as exc:
+            self.skipped[TRANSFORMERS_TARGET] = f"the transformers stack did not start: {exc}"
+            stage(f"    {self.skipped[TRANSFORMERS_TARGET]}")
+            return
+        self._add_gateway(TRANSFORMERS_TARGET, gateway)
 
     async def _start_vllm(self, stack: contextlib.AsyncExitStack) -> None:
         """The same stack with a cpu-vllm worker from the vLLM venv; skipped (with the reason) when that fails."""
@@ -209,50 +285,36 @@ class Bench:
         versions, why = vllm_stack.probe(python)
         if why:
             self.skipped[vllm_stack.TARGET] = why
-            stage(f"skipping 3/4: {why}")
+            stage(f"skipping 4/5: {why}")
             return
         omp = os.environ.get("OMP_NUM_THREADS", "")
         threads = self.args.threads or (int(omp) if omp.isdigit() else os.cpu_count() or 1)
         env = vllm_stack.worker_env(python, threads, self.env)
         self.vllm = {"python": python, **versions, "env": vllm_stack.reported_env(env)}
         stage(
-            f"starting 3/4: a second stack with a cpu-vllm worker (vllm {versions.get('vllm')}, {python}); "
+            f"starting 4/5: a third stack with a cpu-vllm worker (vllm {versions.get('vllm')}, {python}); "
             f"a first start compiles the model for minutes (up to {vllm_stack.START_TIMEOUT_S:g} s allowed)"
         )
-        root = self.run_dir / "stack-vllm"
-        vstack = Stack(
-            root, model_id=self.model_id, slots=self.args.slots, env=self.env, worker_python=python, worker_env=env
-        )
-        stack.callback(vstack.stop)
         try:
-            vstack.start(timeout=vllm_stack.START_TIMEOUT_S)  # blocking on purpose, as for our stack
+            _, gateway = await self._launch(
+                stack,
+                vllm_stack.TARGET,
+                "stack-vllm",
+                "cpu-vllm",
+                worker_python=python,
+                worker_env=env,
+                timeout=vllm_stack.START_TIMEOUT_S,
+            )
         except StackError as exc:
-            vstack.stop()
             self.skipped[vllm_stack.TARGET] = f"the cpu-vllm stack did not start: {exc}"
             stage(f"    {self.skipped[vllm_stack.TARGET]}")
             return
-        client = await stack.enter_async_context(make_client(max(self.workload.levels)))
-        gateway = gateway_request(client, vstack.base_url, vstack.api_key, self.counter)
-        first = await gateway(PROMPTS[0], 8)
-        self.startup["vllm_ready_s"] = vstack.ready_s
-        self.startup["vllm_first_token_s"] = (vstack.ready_s or 0) + (first.ttft or 0)
-        stage(f"    model ready behind the cpu-vllm stack's gateway after {vstack.ready_s:.1f} s")
-        nc = await connect(vstack.nats_url, vstack.token)
-        self.workers[vllm_stack.TARGET] = await worker_info(nc, "bench-1")
-        await nc.drain()
+        self._add_gateway(vllm_stack.TARGET, gateway)
+
+    def _check_slots(self) -> None:
         slots = {name: info.get("slots") for name, info in self.workers.items()}
         if len(set(slots.values())) > 1:
             stage(f"    warning: the workers run different slot counts after start: {slots}")
-
-        async def vllm_level(c: int) -> dict[str, Any]:
-            return (await run_level(vllm_stack.TARGET, gateway, c, self.workload)).to_json()
-
-        self.targets[vllm_stack.TARGET] = (self.workload.levels, vllm_level)
-        self.pids[vllm_stack.TARGET] = {
-            "engine": vstack.pid("worker"),  # with vLLM's engine process (its child)
-            "gateway": vstack.pid("gateway"),
-            "nats-server": vstack.pid("nats"),
-        }
 
     async def _start_peer(self, stack: contextlib.AsyncExitStack) -> None:
         missing = missing_requirements()
@@ -260,7 +322,7 @@ class Bench:
             pip = f"`transformers serve` needs {', '.join(missing)} (pip install {' '.join(missing)})"
             self.skipped["peer"] = "--no-peer" if self.args.no_peer else pip
             return
-        stage("starting 4/4: peer: transformers serve --continuous-batching on the same model folder")
+        stage("starting 5/5: peer: transformers serve --continuous-batching on the same model folder")
         w = self.workload
         peer = PeerServer(
             self.run_dir / "peer",
@@ -293,13 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime(f"bench-%Y%m%d-%H%M%S-{mode}")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from infra.model_files import ensure_model
+    from infra.model_files import ensure_model, ensure_openvino
+    from services.engine.engines import openvino_weights
     from services.engine.registry import load_registry
 
     resolved = load_registry().resolve("default")
     assert resolved is not None  # load_registry checks that the default model exists
     model_id, spec = resolved
     model_dir = ensure_model(spec)
+    # The export (~40 s the first time) is not part of the cpu-openvino stack's start time.
+    ensure_openvino(spec, openvino_weights())
     facts = machine_facts()
     watch, others = CpuWatch(), OtherProcesses()
     watch.start()

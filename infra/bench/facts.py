@@ -68,6 +68,8 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
+        "openvino": _version("openvino"),
+        "openvino_genai": _version("openvino-genai"),
         "nats_py": _version("nats-py"),
         "quart": _version("quart"),
         "hypercorn": _version("hypercorn"),

