@@ -10,10 +10,11 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway.api_v1 import health, inference, models, training
+from gateway.api_v1 import health, inference, models, openapi, training
 from gateway.api_v1.auth import require_api_key
 from gateway.core import GatewayCore
 from gateway.http_errors import envelope, error_response
+from gateway.openapi import docs_blueprint
 from gateway.server import harden, hypercorn_config, refuse_empty_segments, sent_path
 from gateway.settings import GatewaySettings
 from schemas.errors import CyError, ErrorCode
@@ -31,18 +32,23 @@ _HTTP_CODES = {
 
 
 def create_api_app(core: GatewayCore) -> Quart:
-    """The spec's REST API under /api/v1, every route behind X-API-Key."""
+    """The spec's REST API under /api/v1, every route behind X-API-Key but its OpenAPI document and docs page."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
     harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
     for module in (inference, models, health, training):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
+    public = (openapi.JSON_PATH, openapi.DOCS_PATH)
+    app.register_blueprint(
+        docs_blueprint("openapi", openapi.build_document(), json_paths=public[:1], docs_path=openapi.DOCS_PATH)
+    )
 
     @app.before_request
     async def authenticate() -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(service="gateway", path=request.path)
-        require_api_key(core.settings.api_key)
+        if request.path not in public:
+            require_api_key(core.settings.api_key)
         refuse_empty_segments()
 
     @app.errorhandler(CyError)

@@ -1,12 +1,14 @@
-"""JSON bodies of /api/v1 (camelCase, as in the spec)."""
+"""JSON bodies of /api/v1 (camelCase, as in the spec): the requests the routes decode and the responses they send."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
+from schemas.errors import ErrorCode, ErrorDetail
 from schemas.inference import GenerationParams, Metadata
+from schemas.training import EventKind, JobStatus
 
 _ID = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -63,3 +65,228 @@ class InferenceBody(msgspec.Struct, kw_only=True, rename="camel"):
     worker_hint: _ID = ""
     # By default the prompt is sent as one user turn through the model's chat template.
     raw_prompt: bool = False
+
+
+# --- Response shapes ------------------------------------------------------------------------------------
+# The routes build these bodies as dicts; these structs describe them for the OpenAPI document
+# (gateway/api_v1/openapi.py) and tests/gateway/test_openapi_fuzz.py checks live responses against them.
+# A field typed `X | UnsetType` is left out of the body when it has no value.
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: ErrorCode
+    message: str
+    details: list[ErrorDetail]
+
+
+class ErrorEnvelope(msgspec.Struct, kw_only=True):
+    """The spec's error envelope, used by every /api/v1 error (also SSE error events)."""
+
+    error: ErrorInfo
+
+
+class InferenceChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class TokenUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class InferenceResponse(msgspec.Struct, kw_only=True):
+    id: str
+    model_id: str = msgspec.field(name="modelId")
+    object: Literal["text_completion"]
+    created: int
+    choices: list[InferenceChoice]
+    usage: TokenUsage
+
+
+class InferenceChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | msgspec.UnsetType = msgspec.UNSET
+    offset: int
+
+
+class InferenceChunk(msgspec.Struct, kw_only=True):
+    """One SSE event of /inference/stream and /inference/streamWithMetadata."""
+
+    id: str
+    object: Literal["text_completion.chunk"]
+    created: int
+    model: str
+    choices: list[InferenceChunkChoice]
+
+
+HealthStatus = Literal["UP", "DEGRADED", "DOWN"]
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: HealthStatus
+    components: dict[str, str]
+    timestamp: str
+
+
+class GatewayDetails(msgspec.Struct, kw_only=True, rename="camel"):
+    start_time: str
+    uptime: str
+
+
+class GatewayComponent(msgspec.Struct, kw_only=True):
+    status: Literal["UP", "DRAINING"]
+    details: GatewayDetails
+
+
+class WorkerCounts(msgspec.Struct, kw_only=True):
+    total: int
+    healthy: int
+    unhealthy: int
+
+
+class QueueState(msgspec.Struct, kw_only=True, rename="camel"):
+    pending_tasks: int | None
+    max_size: int
+
+
+class CoordinatorDetails(msgspec.Struct, kw_only=True):
+    workers: WorkerCounts
+    queue: QueueState
+
+
+class CoordinatorComponent(msgspec.Struct, kw_only=True):
+    status: Literal["UP", "DOWN"]
+    details: CoordinatorDetails
+
+
+class NatsDetails(msgspec.Struct, kw_only=True, rename="camel"):
+    latency_ms: int | None
+    connected: bool
+
+
+class NatsComponent(msgspec.Struct, kw_only=True):
+    status: Literal["UP", "DOWN"]
+    details: NatsDetails
+
+
+class HealthComponents(msgspec.Struct, kw_only=True):
+    gateway: GatewayComponent
+    coordinator: CoordinatorComponent
+    nats: NatsComponent
+
+
+class HealthDetails(msgspec.Struct, kw_only=True):
+    status: HealthStatus
+    components: HealthComponents
+    timestamp: str
+
+
+class ModelSummary(msgspec.Struct, kw_only=True, rename="camel"):
+    id: str
+    name: str
+    engine: str
+    status: str
+    capabilities: list[str]
+    max_model_len: int
+    lora_adapters: list[str] | msgspec.UnsetType = msgspec.UNSET
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    models: list[ModelSummary]
+
+
+class ModelConfig(msgspec.Struct, kw_only=True, rename="camel"):
+    max_model_len: int
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    dtype: str
+
+
+class ModelDetail(ModelSummary, kw_only=True, rename="camel"):
+    model_path: str
+    config: ModelConfig
+
+
+class TrainingStarted(msgspec.Struct, kw_only=True, rename="camel"):
+    job_id: str
+    status: JobStatus
+    message: str
+    created_at: str | None
+
+
+class ProgressView(msgspec.Struct, kw_only=True, rename="camel"):
+    current_epoch: int
+    current_step: int
+    total_steps: int
+    loss: float | None
+    learning_rate: float | None
+    eval_loss: float | msgspec.UnsetType = msgspec.UNSET
+    tokens_per_second: float | msgspec.UnsetType = msgspec.UNSET
+
+
+class JobError(msgspec.Struct, kw_only=True):
+    code: ErrorCode
+    message: str
+
+
+class TrainingStatus(msgspec.Struct, kw_only=True, rename="camel"):
+    job_id: str
+    status: JobStatus
+    progress: ProgressView
+    elapsed_time_seconds: int
+    estimated_time_remaining_seconds: int | None
+    created_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    base_model: str
+    model_id: str
+    adapter_name: str
+    dataset_path: str
+    output_dir: str
+    message: str
+    checkpoint_step: int
+    attempt: int
+    error: JobError | msgspec.UnsetType = msgspec.UNSET
+
+
+class JobSummary(msgspec.Struct, kw_only=True, rename="camel"):
+    job_id: str
+    base_model: str
+    status: JobStatus
+    created_at: str | None
+    completed_at: str | None
+    adapter_name: str
+
+
+class TrainingJobList(msgspec.Struct, kw_only=True):
+    jobs: list[JobSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobChange(msgspec.Struct, kw_only=True, rename="camel"):
+    """The answer to cancel, pause and resume."""
+
+    job_id: str
+    status: JobStatus
+    message: str
+    current_step: int
+
+
+class TrainingEventView(msgspec.Struct, kw_only=True, rename="camel"):
+    """One SSE event of /training/events/{jobId} (its `id:` is the event's stream sequence)."""
+
+    job_id: str
+    kind: EventKind
+    status: JobStatus
+    time: str | None
+    time_ms: int
+    progress: ProgressView | msgspec.UnsetType = msgspec.UNSET
+    elapsed_time_seconds: float | msgspec.UnsetType = msgspec.UNSET
+    message: str | msgspec.UnsetType = msgspec.UNSET
+    trainer_id: str | msgspec.UnsetType = msgspec.UNSET

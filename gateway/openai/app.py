@@ -1,4 +1,4 @@
-"""create_lite_app(): the OpenAI-compatible API under /v1 (port 8000), plus /health and /ready."""
+"""create_lite_app(): the OpenAI-compatible API under /v1 (port 8000), plus /health, /ready, /openapi.json and /docs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.core import GatewayCore
 from gateway.http_errors import json_response
-from gateway.openai import completions, health, models
+from gateway.openai import completions, health, models, openapi
 from gateway.openai.auth import require_bearer
 from gateway.openai.errors import error_response, openai_error
+from gateway.openapi import docs_blueprint
 from gateway.server import harden, refuse_empty_segments, sent_path
 from schemas.errors import CyError, ErrorCode
 
@@ -28,12 +29,16 @@ def create_lite_app(core: GatewayCore) -> Quart:
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(health.make_blueprint(core))
+    app.register_blueprint(
+        docs_blueprint("openapi", openapi.build_document(), json_paths=openapi.JSON_PATHS, docs_path=openapi.DOCS_PATH)
+    )
 
     @app.before_request
     async def authenticate() -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(service="gateway-lite", path=request.path)
-        if request.path == "/v1" or request.path.startswith("/v1/"):
+        # The OpenAPI document is public (gateway/openapi.py says why), /v1/openapi.json included.
+        if (request.path == "/v1" or request.path.startswith("/v1/")) and request.path not in openapi.JSON_PATHS:
             require_bearer(core.settings.gateway_api_token)
         refuse_empty_segments()
 

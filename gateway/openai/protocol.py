@@ -112,3 +112,126 @@ class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
     logprobs: Any = None
     best_of: Any = None
     suffix: Any = None
+
+
+# --- Response shapes ------------------------------------------------------------------------------------
+# The routes build these bodies as dicts; these structs describe them for the OpenAPI document
+# (gateway/openai/openapi.py) and tests/gateway/test_openapi_fuzz.py checks live responses against them.
+# A field typed `X | UnsetType` is left out of the body when it has no value.
+
+
+class OpenAIErrorInfo(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(msgspec.Struct, kw_only=True):
+    """OpenAI's error shape, used by every error of this app (also SSE error events)."""
+
+    error: OpenAIErrorInfo
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatChoice(msgspec.Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(msgspec.Struct, kw_only=True):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    """The /v1/completions answer; its SSE chunks have the same shape (a `finish_reason` of null until the
+    last chunk of a choice, `usage` null on every chunk but the last when `stream_options.include_usage`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[TextChoice]
+    usage: Usage | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class ChatDelta(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"] | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChatChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    """One SSE event of a streamed /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChunkChoice]
+    usage: Usage | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    """OpenAI's model object plus vLLM's `root`, `parent` (an adapter's base) and `max_model_len`."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+    status: str
+
+
+class ModelCardList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Liveness(msgspec.Struct, kw_only=True):
+    status: Literal["ok"]
+
+
+class Readiness(msgspec.Struct, kw_only=True):
+    status: Literal["ready", "not_ready"]
+    model: str
+    model_status: str

@@ -1,0 +1,289 @@
+"""The OpenAPI 3.1 document of /api/v1: the paths table, written here; the schemas, generated from protocol.py
+and the training bodies. Served at GET /api/v1/openapi.json, rendered at GET /api/v1/docs (no X-API-Key)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.api_v1 import protocol as p
+from gateway.api_v1.training import StartBody
+from gateway.openapi import (
+    document,
+    errors,
+    json_body,
+    json_content,
+    path_param,
+    query_param,
+    sse_content,
+)
+from schemas.training import JOB_STATUSES
+
+PREFIX = "/api/v1"
+JSON_PATH = f"{PREFIX}/openapi.json"
+DOCS_PATH = f"{PREFIX}/docs"
+
+# Any route can answer these: the request head refused by the HTTP parser (400, 431) and the catch-all (500).
+_ANY = {
+    400: "Malformed request line or headers (`details[0].type` `malformed_http_request`).",
+    431: "Request line and headers over 16 KiB.",
+    500: "Anything unexpected (`INTERNAL_ERROR`; logged with the trace id).",
+}
+_AUTH = {**_ANY, 401: "`X-API-Key` missing or wrong (`UNAUTHORIZED`)."}
+_BODY = {
+    400: "Malformed JSON, wrong types, out-of-range values or an empty body (`INVALID_REQUEST`; "
+    "`details` names the field).",
+    413: "Body over `CY_LLM_MAX_BODY_BYTES` (`INVALID_REQUEST`).",
+}
+_JOB = path_param("jobId", "The training job's id (from /training/start or /training/list).")
+_NO_JOB = {404: "No job with that id (`TRAINING_JOB_NOT_FOUND`), or a `jobId` that names no route (`/` in it)."}
+
+_INFERENCE_ERRORS = {
+    **_BODY,
+    400: _BODY[400] + " Also a prompt longer than the model's context.",
+    404: "`modelId` not in the registry, or unknown `adapter` (`MODEL_NOT_FOUND`).",
+    429: "Per-key rate limit (`RATE_LIMITED`, with `Retry-After`).",
+    503: "Model still loading (`MODEL_NOT_READY`); no live worker, queue full, nobody picked the request up, "
+    "or the gateway is shutting down (`INSUFFICIENT_RESOURCES`, with `Retry-After`).",
+}
+
+
+def _op(summary: str, tag: str, op_id: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "tags": [tag], "operationId": op_id, "responses": responses, **extra}
+
+
+def _inference(op_id: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": _op(
+            summary,
+            "inference",
+            op_id,
+            {"200": ok, **errors(p.ErrorEnvelope, _INFERENCE_ERRORS, common=_AUTH)},
+            requestBody=json_body(p.InferenceBody),
+        )
+    }
+
+
+def _job_verb(verb: str, summary: str, extra: dict[int, str], ok: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": _op(
+            summary,
+            "training",
+            f"training{verb.capitalize()}",
+            {**ok, **errors(p.ErrorEnvelope, {**_NO_JOB, **extra}, common=_AUTH)},
+            parameters=[_JOB],
+        )
+    }
+
+
+def _paths() -> dict[str, Any]:
+    stream = sse_content(p.InferenceChunk, "Server-sent events, one per generated chunk.")
+    job_change = json_content(p.JobChange, "The job after the change.")
+    return {
+        f"{PREFIX}/inference": _inference(
+            "inference", "Generate a completion", json_content(p.InferenceResponse, "The completion.")
+        ),
+        f"{PREFIX}/inference/stream": _inference("inferenceStream", "Generate a completion as SSE", stream),
+        f"{PREFIX}/inference/streamWithMetadata": _inference(
+            "inferenceStreamWithMetadata", "Generate a completion as SSE (with game-server metadata)", stream
+        ),
+        f"{PREFIX}/models": {
+            "get": _op(
+                "List the models",
+                "models",
+                "listModels",
+                {
+                    "200": json_content(p.ModelList, "The registry joined with live workers."),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            )
+        },
+        f"{PREFIX}/models/{{modelId}}": {
+            "get": _op(
+                "Describe a model",
+                "models",
+                "getModel",
+                {
+                    "200": json_content(p.ModelDetail, "The model, its path and configuration."),
+                    **errors(p.ErrorEnvelope, {404: "No such model (`MODEL_NOT_FOUND`)."}, common=_AUTH),
+                },
+                parameters=[path_param("modelId", 'A registry model id or `"default"` (may contain `/`).')],
+            )
+        },
+        f"{PREFIX}/health": {
+            "get": _op(
+                "Health summary",
+                "health",
+                "health",
+                {
+                    "200": json_content(p.Health, "UP or DEGRADED."),
+                    "503": json_content(p.Health, "DOWN (NATS unreachable): the same body."),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            )
+        },
+        f"{PREFIX}/health/details": {
+            "get": _op(
+                "Health of every component",
+                "health",
+                "healthDetails",
+                {
+                    "200": json_content(p.HealthDetails, "UP or DEGRADED."),
+                    "503": json_content(p.HealthDetails, "DOWN (NATS unreachable): the same body."),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            )
+        },
+        f"{PREFIX}/training/start": {
+            "post": _op(
+                "Start a LoRA fine-tuning job",
+                "training",
+                "trainingStart",
+                {
+                    "200": json_content(p.TrainingStarted, "The job was queued."),
+                    **errors(
+                        p.ErrorEnvelope,
+                        {
+                            **_BODY,
+                            400: _BODY[400] + " Also a dataset or output path outside its root, or an adapter "
+                            "name already taken (`INVALID_REQUEST`, `TRAINING_JOB_RUNNING`).",
+                            404: "`baseModel` not in the registry (`MODEL_NOT_FOUND`).",
+                            503: "The training queue is full (`INSUFFICIENT_RESOURCES`).",
+                        },
+                        common=_AUTH,
+                    ),
+                },
+                requestBody=json_body(StartBody),
+            )
+        },
+        f"{PREFIX}/training/status/{{jobId}}": {
+            "get": _op(
+                "A job's status and progress",
+                "training",
+                "trainingStatus",
+                {
+                    "200": json_content(p.TrainingStatus, "The job."),
+                    **errors(p.ErrorEnvelope, _NO_JOB, common=_AUTH),
+                },
+                parameters=[_JOB],
+            )
+        },
+        f"{PREFIX}/training/cancel/{{jobId}}": _job_verb(
+            "cancel", "Cancel a job", {400: "The job already finished (`INVALID_REQUEST`)."}, {"200": job_change}
+        ),
+        f"{PREFIX}/training/pause/{{jobId}}": _job_verb(
+            "pause",
+            "Pause a running job at its next step",
+            {400: "The job already finished (`INVALID_REQUEST`)."},
+            {
+                "200": json_content(p.JobChange, "Paused (a queued job pauses at once)."),
+                "202": json_content(p.JobChange, "Pause asked for; the trainer has not checkpointed yet."),
+            },
+        ),
+        f"{PREFIX}/training/resume/{{jobId}}": _job_verb(
+            "resume",
+            "Resume a paused job",
+            {400: "The job is not paused, or is still running (`INVALID_REQUEST`, `TRAINING_JOB_RUNNING`)."},
+            {"200": job_change},
+        ),
+        f"{PREFIX}/training/list": {
+            "get": _op(
+                "List jobs, newest first",
+                "training",
+                "trainingList",
+                {
+                    "200": json_content(p.TrainingJobList, "One page of jobs."),
+                    **errors(p.ErrorEnvelope, {400: "Bad `status`, `limit` or `offset`."}, common=_AUTH),
+                },
+                parameters=[
+                    query_param("status", "Only jobs in this state.", {"type": "string", "enum": list(JOB_STATUSES)}),
+                    query_param("limit", "Page size.", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                    query_param("offset", "Jobs to skip.", {"type": "integer", "minimum": 0, "maximum": 10**9}),
+                ],
+            )
+        },
+        f"{PREFIX}/training/events/{{jobId}}": {
+            "get": _op(
+                "A job's progress events (SSE)",
+                "training",
+                "trainingEvents",
+                {
+                    "200": sse_content(
+                        p.TrainingEventView,
+                        "The stored events (after `Last-Event-ID` / `after`), then, with `follow`, new ones until "
+                        "the job finishes; each event's `id:` is its stream sequence.",
+                    ),
+                    **errors(p.ErrorEnvelope, _NO_JOB, common=_AUTH),
+                },
+                parameters=[
+                    _JOB,
+                    query_param(
+                        "follow",
+                        "Keep streaming until the job finishes (default true; `0`, `false`, `no` turn it off).",
+                        {"type": "string"},
+                    ),
+                    query_param("after", "Replay only events after this stream sequence.", {"type": "string"}),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "As `after` (sent by EventSource on reconnect).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+            )
+        },
+        JSON_PATH: {
+            "get": _op(
+                "This document",
+                "meta",
+                "openapi",
+                {
+                    "200": {"description": "The OpenAPI 3.1 document.", "content": {"application/json": {}}},
+                    **errors(p.ErrorEnvelope, {}, common=_ANY),
+                },
+                security=[],
+            )
+        },
+        DOCS_PATH: {
+            "get": _op(
+                "A page that renders this document",
+                "meta",
+                "docs",
+                {
+                    "200": {"description": "HTML (no external assets).", "content": {"text/html": {}}},
+                    **errors(p.ErrorEnvelope, {}, common=_ANY),
+                },
+                security=[],
+            )
+        },
+    }
+
+
+def build_document() -> dict[str, Any]:
+    paths = _paths()
+    return document(
+        title="CY-LLM REST API",
+        description="Inference, models, health and LoRA training under /api/v1. Every error body is "
+        "`ErrorEnvelope`; every route but this document and its docs page needs `X-API-Key`.",
+        paths=paths,
+        types=[
+            p.InferenceBody,
+            StartBody,
+            p.ErrorEnvelope,
+            p.InferenceResponse,
+            p.InferenceChunk,
+            p.ModelList,
+            p.ModelDetail,
+            p.Health,
+            p.HealthDetails,
+            p.TrainingStarted,
+            p.TrainingStatus,
+            p.TrainingJobList,
+            p.JobChange,
+            p.TrainingEventView,
+        ],
+        security_schemes={
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key header"}
+        },
+        security=[{"ApiKey": []}],
+    )
