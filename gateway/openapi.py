@@ -34,13 +34,30 @@ def json_content(type_: type, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": ref(type_)}}}
 
 
-def sse_content(event: type, description: str) -> Schema:
-    """A `text/event-stream` response: `data:` lines holding `event` JSON objects, then `data: [DONE]`."""
+def sse_content(event: type, error: type, description: str) -> Schema:
+    """A `text/event-stream` response. As usual before OpenAPI 3.2 (`itemSchema`), `schema` describes one
+    event: its `data` is an `event` JSON object, an `error` object (an error after the stream started), or
+    the closing `[DONE]`."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [ref(event), ref(error)]},
+    }
     return {
-        "description": f"{description} Each `data:` line holds one `{event.__name__}` JSON object "
-        "(see components); an error after the stream started is a `data:` line with the API's error "
-        "body; the stream ends with `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": f"{description} Each event's `data` is one `{event.__name__}` JSON object; an error after "
+        f"the stream started is a `{error.__name__}`; the last event is `data: [DONE]`.",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {"anyOf": [{"const": "[DONE]"}, json_data]},
+                        "id": {"type": "string", "description": "The event's stream sequence, where there is one."},
+                    },
+                }
+            }
+        },
     }
 
 

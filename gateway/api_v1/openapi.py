@@ -76,7 +76,7 @@ def _job_verb(verb: str, summary: str, extra: dict[int, str], ok: dict[str, Any]
 
 
 def _paths() -> dict[str, Any]:
-    stream = sse_content(p.InferenceChunk, "Server-sent events, one per generated chunk.")
+    stream = sse_content(p.InferenceChunk, p.ErrorEnvelope, "Server-sent events, one per generated chunk.")
     job_change = json_content(p.JobChange, "The job after the change.")
     return {
         f"{PREFIX}/inference": _inference(
@@ -209,6 +209,7 @@ def _paths() -> dict[str, Any]:
                 {
                     "200": sse_content(
                         p.TrainingEventView,
+                        p.ErrorEnvelope,
                         "The stored events (after `Last-Event-ID` / `after`), then, with `follow`, new ones until "
                         "the job finishes; each event's `id:` is its stream sequence.",
                     ),

@@ -168,6 +168,24 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
+# JetStream stream sequences are uint64.
+_MAX_SEQUENCE = 2**64 - 1
+
+
+def _resume_point() -> int:
+    """The stream sequence to resume after (`Last-Event-ID`, else `?after=`); 0 = from the start.
+
+    Raises CyError(INVALID_REQUEST) before the response starts: a bad value found inside the SSE generator
+    would cut the stream after a 200. `str.isdigit()` alone is not enough: it accepts "²", which `int` refuses.
+    """
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after") or ""
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or int(raw) >= _MAX_SEQUENCE:
+        raise invalid("after", "Last-Event-ID / after must be an event id (a stream sequence) from this stream")
+    return int(raw)
+
+
 def _list_query() -> ListJobs:
     status = request.args.get("status", "")
     if status and status not in JOB_STATUSES:
@@ -235,20 +253,20 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
         svc = service()
         job = await svc.get(job_id)
         follow = request.args.get("follow", "true").lower() not in ("0", "false", "no")
-        after = request.headers.get("Last-Event-ID") or request.args.get("after") or ""
+        after = _resume_point()
         return sse_response(_events(core, svc, job, follow=follow and job.status not in FINISHED, after=after))
 
     return bp
 
 
 async def _events(
-    core: GatewayCore, svc: JobService, job: TrainingJob, *, follow: bool, after: str
+    core: GatewayCore, svc: JobService, job: TrainingJob, *, follow: bool, after: int
 ) -> AsyncIterator[bytes]:
     """Replay the job's stored events (after stream sequence `after`), then, with `follow`, stream new
     ones until the job finishes. Each SSE event carries its stream sequence as `id:`."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if after.isdigit():
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(after) + 1)
+    if after:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
     await svc.kv()  # the events stream exists
     sub = await core.js.subscribe(
         subjects.training_events_subject(job.job_id),

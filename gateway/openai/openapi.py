@@ -37,7 +37,7 @@ def _op(summary: str, tag: str, op_id: str, responses: dict[str, Any], **extra: 
 
 def _generate(op_id: str, summary: str, body: type, ok: type, chunk: type) -> dict[str, Any]:
     answer = json_content(ok, "The completion (`stream` false or absent).")
-    stream = sse_content(chunk, "With `stream: true`: server-sent events.")
+    stream = sse_content(chunk, p.OpenAIError, "With `stream: true`: server-sent events.")
     return {
         "post": _op(
             summary,

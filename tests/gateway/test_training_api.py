@@ -451,3 +451,20 @@ async def test_base_model_may_be_given_by_its_registry_name(client: httpx.AsyncC
     assert cancelled.status_code == 200
     after = (await client.get(f"/api/v1/training/status/{job_id}")).json()
     assert after["status"] == "cancelled" and after["estimatedTimeRemainingSeconds"] is None
+
+
+async def test_events_refuse_a_resume_point_that_is_not_a_stream_sequence(
+    client: httpx.AsyncClient, roots: Roots
+) -> None:
+    # "²" passes str.isdigit() but not int(); a 21-digit number is past JetStream's uint64 sequences.
+    job = (await client.post("/api/v1/training/start", json=start_body(roots))).json()["jobId"]
+    for after in ("²", "٣", "99999999999999999999999", "-1"):
+        for request in (
+            {"params": {"after": after, "follow": "false"}},
+            {"params": {"follow": "false"}, "headers": {"Last-Event-ID": after.encode()}},
+        ):
+            r = await client.get(f"/api/v1/training/events/{job}", **request)  # type: ignore[arg-type]
+            assert r.status_code == 400 and error_of(r)["details"][0]["field"] == "after", (after, request, r.text)
+    # A real sequence still works: the queued event is the first.
+    r = await client.get(f"/api/v1/training/events/{job}", params={"after": "0", "follow": "false"})
+    assert r.status_code == 200 and parse_sse(r.text)[0]["kind"] == "queued"
