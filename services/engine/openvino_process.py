@@ -7,11 +7,13 @@ tokens/s with 8 streams). In a process of its own it runs at full speed and the 
 The loop: read what the worker sent (requests, cancels; blocking only when idle), add new requests
 shortest prompt first, run one `step()` (every running sequence gets a token; prompts are prefilled in
 chunks that fill the rest of the step's `max_num_batched_tokens`, so a long prompt never stalls the
-streams already running), then send every request's new tokens back in one message.
+streams already running), then send every request's new tokens back in one message. Newcomers do not
+wait behind a long prompt's prefill (see `_Loop._yield_long_prefills`).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Literal
@@ -98,7 +100,7 @@ def main(conn: Connection, config: PipelineConfig) -> None:
         conn.send_bytes(encoder.encode(Failed(message=f"{type(exc).__name__}: {exc}")))
         return
     try:
-        _Loop(pipe, conn).run()
+        _Loop(pipe, conn, config.prefill_budget).run()
     except (EOFError, OSError, KeyboardInterrupt):  # the worker is gone or stopping: nothing to answer
         pass
 
@@ -111,6 +113,9 @@ def _load(config: PipelineConfig) -> Any:
     scheduler.max_num_seqs = config.slots
     scheduler.max_num_batched_tokens = max(config.prefill_budget, config.slots)
     scheduler.dynamic_split_fuse = True
+    # Shared prompt prefixes (system prompts, chat templates) are computed once; and a long prompt that yields
+    # to newcomers (see _Loop._yield_long_prefills) resumes from the blocks it had computed.
+    scheduler.enable_prefix_caching = True
     # These CPUs may have AMX/AVX-512, where OpenVINO computes in bf16 unless told otherwise: slower here and
     # less accurate. f32 activations always; the exact mode also keeps the KV cache in f32.
     properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": config.threads}
@@ -152,8 +157,18 @@ def generation_config(add: Add) -> Any:
     return config
 
 
+class _Entry:
+    """A request in the pipeline: its handle (under a pipeline id of its own: a re-added request gets a new
+    one) and what has been generated so far."""
+
+    def __init__(self, add: Add, handle: Any) -> None:
+        self.add = add
+        self.handle = handle
+        self.generated = 0
+
+
 class _Loop:
-    def __init__(self, pipe: Any, conn: Connection) -> None:
+    def __init__(self, pipe: Any, conn: Connection, prefill_budget: int) -> None:
         import openvino as ov
         import openvino_genai as ov_genai
 
@@ -162,48 +177,76 @@ class _Loop:
         self.ov = ov
         self.status = ov_genai.GenerationStatus
         self.reasons = ov_genai.GenerationFinishReason
-        self.active: dict[int, tuple[Any, int, int]] = {}  # id -> (handle, generated, max_new_tokens)
+        self.long_prompt = 2 * prefill_budget
+        self.pipeline_ids = itertools.count(1)  # 0 was the warm-up request
+        self.active: dict[int, _Entry] = {}  # by the worker's request id
         self.pending: list[Add] = []
+        self.readd: list[Add] = []
         self.cancelled: set[int] = set()
 
     def run(self) -> None:
-        import numpy as np
-
         while True:
-            if not self._receive(block=not self.active):
+            if not self._receive(block=not self.active and not self.readd):
                 self._release_all()
                 return
-            for add in sorted(self.pending, key=lambda a: len(a.prompt_ids)):
-                if add.request_id in self.cancelled:
-                    continue
-                ids = self.ov.Tensor(np.asarray([add.prompt_ids], dtype=np.int64))
-                handle = self.pipe.add_request(add.request_id, ids, generation_config(add))
-                self.active[add.request_id] = (handle, 0, add.max_new_tokens)
-            self.pending.clear()
             for request_id in self.cancelled:
                 entry = self.active.pop(request_id, None)
                 if entry is not None:
-                    entry[0].cancel()
+                    entry.handle.cancel()
+            self.readd = [add for add in self.readd if add.request_id not in self.cancelled]
+            arrived = sorted(
+                (add for add in self.pending if add.request_id not in self.cancelled), key=lambda a: len(a.prompt_ids)
+            )
             self.cancelled.clear()
+            self.pending.clear()
+            readd, self.readd = self.readd, []
+            if arrived:
+                self._yield_long_prefills(arrived)
+            for add in [*arrived, *readd]:
+                self._add(add)
             if not self.active:
                 if self.pipe.has_non_finished_requests():
-                    self.pipe.step()  # lets the pipeline free what cancelled requests held
+                    self.pipe.step()  # lets the pipeline free (and cache) what cancelled requests held
                 continue
             try:
                 self.pipe.step()
             except Exception as exc:  # fails the requests in flight, never the process
                 failed = list(self.active)
-                for handle, _, _ in self.active.values():
-                    handle.cancel()
+                for entry in self.active.values():
+                    entry.handle.cancel()
                 self.active.clear()
                 self._send(StepFailed(request_ids=failed, message=f"{type(exc).__name__}: {exc}"))
                 continue
             self._send(Outputs(items=self._collect()))
 
+    def _add(self, add: Add) -> None:
+        import numpy as np
+
+        ids = self.ov.Tensor(np.asarray([add.prompt_ids], dtype=np.int64))
+        handle = self.pipe.add_request(next(self.pipeline_ids), ids, generation_config(add))
+        self.active[add.request_id] = _Entry(add, handle)
+
+    def _yield_long_prefills(self, arrived: list[Add]) -> None:
+        """Newcomers go before long prompts still being prefilled.
+
+        The pipeline prefills prompts first come, first served: a short request arriving just after a
+        7,000-token prompt would wait for all of it. So a long prompt with no output yet is cancelled and
+        added again after the newcomers, one step later (once the pipeline has put the blocks it computed
+        into the prefix cache): it resumes where it was, since the prefix cache hands those blocks back,
+        and its output is the same.
+        """
+        shortest = len(arrived[0].prompt_ids)
+        for request_id, entry in list(self.active.items()):
+            prompt = len(entry.add.prompt_ids)
+            if entry.generated == 0 and prompt > self.long_prompt and prompt > 2 * shortest:
+                entry.handle.cancel()
+                del self.active[request_id]
+                self.readd.append(entry.add)
+
     def _release_all(self) -> None:
         """Cancel what is left and let the pipeline free its KV blocks (a clean exit, no leak report)."""
-        for handle, _, _ in self.active.values():
-            handle.cancel()
+        for entry in self.active.values():
+            entry.handle.cancel()
         self.active.clear()
         while self.pipe.has_non_finished_requests():
             self.pipe.step()
@@ -224,7 +267,8 @@ class _Loop:
 
     def _collect(self) -> list[Output]:
         out: list[Output] = []
-        for request_id, (handle, generated, max_new) in list(self.active.items()):
+        for request_id, entry in list(self.active.items()):
+            handle = entry.handle
             tokens: list[int] = []
             finish = ""
             if handle.can_read():
@@ -235,16 +279,15 @@ class _Loop:
                     elif output.finish_reason != self.reasons.NONE:
                         finish = finish or "stop"
             state = handle.get_status()
+            entry.generated += len(tokens)
             if state == self.status.IGNORED:
                 finish = "ignored"
             elif state != self.status.RUNNING and not finish:
-                finish = "length" if generated + len(tokens) >= max_new else "stop"
+                finish = "length" if entry.generated >= entry.add.max_new_tokens else "stop"
             if finish:
                 del self.active[request_id]
                 if state == self.status.RUNNING:
                     handle.cancel()
-            else:
-                self.active[request_id] = (handle, generated + len(tokens), max_new)
             if tokens or finish:
                 out.append(Output(request_id, tokens, finish))  # type: ignore[arg-type]
         return out

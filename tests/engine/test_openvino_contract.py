@@ -138,6 +138,18 @@ async def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_g
     await asyncio.wait_for(running.done.wait(), 60)
 
 
+async def test_requests_arriving_during_a_long_prefill_do_not_wait_for_it(worker: Worker, nc: NATS) -> None:
+    # A text no earlier test sent (the prefix cache would make its prefill instant): ~1,600 tokens, 25 chunks of 64.
+    long_text = " ".join(f"thing {i} is a big {uuid.uuid4().hex[:6]} stone." for i in range(120))
+    long = await submit(nc, request(long_text, max_new_tokens=4))
+    await asyncio.sleep(0.3)  # the long prompt is being prefilled now
+    shorts = await asyncio.gather(*(ask(nc, request(f"Say {i}.", max_new_tokens=4)) for i in range(3)))
+    assert not long.done.is_set(), "the short requests waited for the whole long prefill"
+    assert all(end(s).completion_tokens == 4 for s in shorts)
+    await asyncio.wait_for(long.done.wait(), 60)
+    assert end(long).completion_tokens == 4 and end(long).prompt_tokens > 1200
+
+
 async def test_a_prompt_longer_than_the_context_is_refused_before_it_reaches_the_engine(
     worker: Worker, nc: NATS
 ) -> None:
