@@ -1,0 +1,5 @@
+"""`python -m gateway.cli` = `cy`."""
+
+from gateway.cli.app import main
+
+main()
