@@ -10,7 +10,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway.api_v1 import health, inference, models, openapi, training
+from gateway.api_v1 import datasets, health, inference, models, openapi, training
 from gateway.api_v1.auth import require_api_key
 from gateway.core import GatewayCore
 from gateway.http_errors import envelope, error_response
@@ -35,8 +35,11 @@ def create_api_app(core: GatewayCore) -> Quart:
     """The spec's REST API under /api/v1, every route behind X-API-Key but its OpenAPI document and docs page."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    app.request_class = datasets.upload_request_class(
+        frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes
+    )
     harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
-    for module in (inference, models, health, training):
+    for module in (inference, models, health, training, datasets):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
     public = (openapi.JSON_PATH, openapi.DOCS_PATH)
     app.register_blueprint(
@@ -65,7 +68,7 @@ def create_api_app(core: GatewayCore) -> Quart:
             return response
         code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
         message = (
-            f"request body exceeds {core.settings.max_body_bytes} bytes"
+            f"request body exceeds {request.max_content_length} bytes"
             if status == 413
             else (exc.description or exc.name)
         )

@@ -12,6 +12,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from gateway.metrics import GatewayMetrics
 from gateway.nats_client import InferenceClient, LinkWatch
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
@@ -40,6 +41,7 @@ class GatewayCore:
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_concurrent)
         self.link = LinkWatch()
         self._tasks = Tasks()
+        self.metrics = GatewayMetrics(self)
         self.nc: NATS
         self.js: JetStreamContext
         self.inference: InferenceClient

@@ -24,6 +24,8 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
+    # Body limit of dataset uploads (POST /api/v1/datasets, POST /v1/files) instead of max_body_bytes.
+    max_dataset_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 50 * 1024 * 1024
     # On SIGTERM: seconds open requests get to finish while new ones are refused with 503.
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Per client (API key / bearer token / address) and per gateway process; 0 disables a limit.

@@ -55,6 +55,8 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             subjects.JS_API_ALL,
             subjects.JS_ACK_ALL,
             *_KV_TRAINING,
+            # Uploaded datasets: the gateway stores and deletes them; trainers only read (JS API + inbox).
+            subjects.object_subjects(subjects.DATASETS_BUCKET),
         ],
         [subjects.STREAM_ALL, subjects.workers_updates(), subjects.INBOX_ALL],
     ),

@@ -19,6 +19,8 @@ class ErrorCode(enum.StrEnum):
     # Added for auth at the HTTP edge (the spec lists 401/403 statuses without codes).
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
+    # Added for the datasets API (/api/v1/datasets, /v1/files): an unknown dataset id.
+    DATASET_NOT_FOUND = "DATASET_NOT_FOUND"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -32,6 +34,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.DATASET_NOT_FOUND: 404,
 }
 
 

@@ -148,6 +148,11 @@ def publisher_inbox_prefix(owner: str) -> str:
     return f"_INBOX_pub.{owner}"
 
 
+def object_subjects(bucket: str) -> str:
+    """Every chunk and meta subject of an object store bucket (puts and deletes are publishes here)."""
+    return f"$O.{bucket}.>"
+
+
 def kv_subjects(bucket: str) -> str:
     """Every key of a KV bucket, as subjects (puts are publishes here, watchers subscribe here)."""
     return f"$KV.{bucket}.>"
@@ -171,6 +176,8 @@ TRAINING_JOBS_BUCKET = f"{_BUCKET_PREFIX}_training_jobs"
 # Who may write an outputDir / train an adapter name: key = a digest of the claim, value = "<job_id> <ms>".
 TRAINING_CLAIMS_BUCKET = f"{_BUCKET_PREFIX}_training_claims"
 ADAPTERS_BUCKET = f"{_BUCKET_PREFIX}_adapters"
+# Uploaded training datasets (JetStream object store; object name = dataset id).
+DATASETS_BUCKET = f"{_BUCKET_PREFIX}_datasets"
 TRAINING_QUEUE_STREAM = f"{_STREAM_PREFIX}_TRAINING_QUEUE"
 TRAINING_QUEUE_SUBJECT = f"{PREFIX}.training.queue"
 TRAINING_QUEUE_CONSUMER = "trainers"

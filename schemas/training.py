@@ -143,6 +143,9 @@ class TrainingJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     checkpoint_step: int = 0
     train_rows: int = 0
     eval_rows: int = 0
+    # An uploaded dataset (object store) instead of `dataset_path`, and its digest when the job was started.
+    dataset_id: str = ""
+    dataset_digest: str = ""
 
 
 class QueueTicket(msgspec.Struct, kw_only=True):
@@ -188,10 +191,12 @@ class StartTraining(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
     output_dir: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-    dataset_path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    # One of the two: a file under the datasets root, or an uploaded dataset's id (/api/v1/datasets).
+    dataset_path: Annotated[str, msgspec.Meta(max_length=4096)] = ""
     hyper_params: HyperParams | None = None
     lora_config: LoraConfig | None = None
     adapter_name: _ADAPTER_NAME = ""
+    dataset_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class JobRef(msgspec.Struct, kw_only=True):

@@ -21,6 +21,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError, ServerError, ServiceUnavailableError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from schemas import subjects
 from services.runtime import SettingsError
@@ -159,6 +160,22 @@ async def ensure_training_after_reconnect(js: JetStreamContext) -> None:
     have come back without its store (the claims bucket is otherwise created only where a start needs it)."""
     await ensure_training(js)
     await ensure_bucket(js, subjects.TRAINING_CLAIMS_BUCKET)
+    await ensure_datasets_store(js)
+
+
+async def ensure_datasets_store(js: JetStreamContext) -> ObjectStore:
+    """The object store of uploaded datasets (file storage: datasets outlive restarts)."""
+    return await admin(lambda: _ensure_object_store(js, subjects.DATASETS_BUCKET), "object store datasets")
+
+
+async def _ensure_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+    from nats.js.api import ObjectStoreConfig
+
+    try:
+        return await js.object_store(bucket)
+    except NotFoundError:  # BucketNotFoundError is one
+        config = ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas())
+        return await js.create_object_store(bucket, config)
 
 
 async def ensure_adapters_bucket(js: JetStreamContext) -> KeyValue:

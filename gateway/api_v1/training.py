@@ -111,6 +111,7 @@ def status_view(job: TrainingJob) -> dict[str, Any]:
         "modelId": job.model_id,
         "adapterName": job.adapter_name,
         "datasetPath": job.dataset_path,
+        "datasetId": job.dataset_id or None,
         "outputDir": job.output_dir,
         "message": job.message,
         "checkpointStep": job.checkpoint_step,

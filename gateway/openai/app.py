@@ -7,9 +7,10 @@ import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from gateway.api_v1.datasets import lazy_store, upload_request_class
 from gateway.core import GatewayCore
 from gateway.http_errors import json_response
-from gateway.openai import completions, health, models, openapi
+from gateway.openai import completions, files, fine_tuning, health, models, openapi
 from gateway.openai.auth import require_bearer
 from gateway.openai.errors import error_response, openai_error
 from gateway.openapi import docs_blueprint
@@ -25,9 +26,12 @@ def create_lite_app(core: GatewayCore) -> Quart:
     """The Lite API. /v1 needs `Authorization: Bearer <GATEWAY_API_TOKEN>` when that token is set."""
     app = Quart("cy-llm-lite")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
+    app.request_class = upload_request_class(frozenset({"/v1/files"}), core.settings.max_dataset_bytes)
     harden(app, lambda error: (msgspec.json.encode(openai_error(error)[1]), {"x-should-retry": "false"}))
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
+    app.register_blueprint(files.make_blueprint(core, lazy_store(core)), url_prefix="/v1")
+    app.register_blueprint(fine_tuning.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(health.make_blueprint(core))
     app.register_blueprint(
         docs_blueprint("openapi", openapi.build_document(), json_paths=openapi.JSON_PATHS, docs_path=openapi.DOCS_PATH)
@@ -52,7 +56,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
         if status == 404:
             message = f"Invalid URL ({request.method} {sent_path()})"
         elif status == 413:
-            message = f"The request body exceeds {core.settings.max_body_bytes} bytes."
+            message = f"The request body exceeds {request.max_content_length} bytes."
         else:
             message = exc.description or exc.name
         kind = "invalid_request_error" if status < 500 else "server_error"

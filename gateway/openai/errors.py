@@ -22,6 +22,7 @@ _SHAPES: dict[ErrorCode, tuple[int, str, str | None]] = {
     ErrorCode.FORBIDDEN: (403, "invalid_request_error", "forbidden"),
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
     ErrorCode.TRAINING_JOB_NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    ErrorCode.DATASET_NOT_FOUND: (404, "invalid_request_error", "not_found"),
     ErrorCode.TRAINING_JOB_RUNNING: (400, "invalid_request_error", None),
     ErrorCode.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
     ErrorCode.MODEL_NOT_READY: (503, "server_error", "model_not_ready"),

@@ -61,8 +61,12 @@ def load(path: Path) -> list[Example]:
         raise DatasetError(f"'{path.name}' must end in .json or .jsonl")
     if not path.is_file():
         raise DatasetError(f"'{path.name}' does not exist (or is not a file)")
-    data = path.read_bytes()
-    rows = _jsonl_rows(data) if path.suffix.lower() == ".jsonl" else _json_rows(data)
+    return parse(path.read_bytes(), path.suffix.lower().lstrip("."))
+
+
+def parse(data: bytes, fmt: str) -> list[Example]:
+    """Validate a dataset held in memory; `fmt` is "jsonl" or "json". Raises DatasetError on the first problem."""
+    rows = _jsonl_rows(data) if fmt == "jsonl" else _json_rows(data)
     examples = [Example(row, _conversation(row, value)) for row, value in rows]
     if not examples:
         raise DatasetError("the dataset has no rows")

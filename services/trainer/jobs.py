@@ -54,6 +54,7 @@ from schemas.training import (
 from services import streams
 from services.engine.registry import Registry
 from services.trainer import datasets
+from services.trainer.datasets_store import DatasetStore
 from services.trainer.paths import Roots, confine
 
 log = structlog.get_logger()
@@ -110,6 +111,7 @@ class JobService:
         self._kv: KeyValue | None = None
         self._claims: KeyValue | None = None
         self._ready = asyncio.Lock()
+        self.datasets = DatasetStore(self.js)
 
     async def kv(self) -> KeyValue:
         """The jobs bucket (streams and buckets are created on first use)."""
@@ -209,16 +211,24 @@ class JobService:
     # --- verbs ---------------------------------------------------------------------------------
     async def start(self, req: StartTraining) -> TrainingJob:
         """Validate and queue. Raises CyError: MODEL_NOT_FOUND (404), INVALID_REQUEST (400: bad path, bad
-        dataset naming its row and field), TRAINING_JOB_RUNNING (400: an active job already writes this
-        outputDir or trains this adapter), INSUFFICIENT_RESOURCES (503: queue full)."""
+        dataset naming its row and field), DATASET_NOT_FOUND (404: unknown datasetId), TRAINING_JOB_RUNNING
+        (400: an active job already writes this outputDir or trains this adapter), INSUFFICIENT_RESOURCES
+        (503: queue full)."""
         model_id = self._resolve_model(req.base_model)
-        dataset_file = confine(self.roots.datasets, req.dataset_path, "datasetPath")
+        if bool(req.dataset_path) == bool(req.dataset_id):
+            field = "datasetId" if req.dataset_id else "datasetPath"
+            raise invalid(field, "give either datasetPath (a file) or datasetId (an uploaded dataset), not both")
+        dataset_file = confine(self.roots.datasets, req.dataset_path, "datasetPath") if req.dataset_path else None
         output_path = confine(self.roots.outputs, req.output_dir, "outputDir")
         if output_path == self.roots.outputs:
             raise invalid("outputDir", "must name a directory inside the outputs root, not the root itself")
         if output_path.exists() and not output_path.is_dir():
             raise invalid("outputDir", f"'{req.output_dir}' exists and is not a directory")
-        examples = await asyncio.to_thread(datasets.load, dataset_file)
+        if dataset_file is not None:
+            rows, digest = len(await asyncio.to_thread(datasets.load, dataset_file)), ""
+        else:  # validated when it was uploaded
+            stored = await self.datasets.info(req.dataset_id, field="datasetId")
+            rows, digest = stored.rows, stored.digest
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         adapter_name = req.adapter_name or derive_adapter_name(output_path, job_id)
         if adapter_name == "default" or self.registry.resolve(adapter_name) is not None:
@@ -251,7 +261,9 @@ class JobService:
             model_id=model_id,
             dataset_path=req.dataset_path,
             output_dir=req.output_dir,
-            dataset_file=str(dataset_file),
+            dataset_file=str(dataset_file or ""),
+            dataset_id=req.dataset_id,
+            dataset_digest=digest,
             output_path=str(output_path),
             adapter_name=adapter_name,
             hyper_params=req.hyper_params or HyperParams(),
@@ -260,18 +272,18 @@ class JobService:
             updated_ms=now_ms(),
             message="Training job has been queued",
             ticket=1,
-            train_rows=len(examples),
+            train_rows=rows,
         )
         kv = await self.kv()
         await kv.create(subjects.job_key(job_id), codec.encode(job))
-        await self.event(job, "queued", f"{len(examples)} rows; adapter '{adapter_name}' for model '{model_id}'")
+        await self.event(job, "queued", f"{rows} rows; adapter '{adapter_name}' for model '{model_id}'")
         try:
             await self.enqueue(job)
         except CyError as exc:
             error = exc
             await self.mutate(job_id, lambda j: _fail(j, error))
             raise
-        log.info("training_job_queued", job_id=job_id, model_id=model_id, adapter=adapter_name, rows=len(examples))
+        log.info("training_job_queued", job_id=job_id, model_id=model_id, adapter=adapter_name, rows=rows)
         return job
 
     def _resolve_model(self, base_model: str) -> str:

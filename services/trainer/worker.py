@@ -45,6 +45,8 @@ log = structlog.get_logger()
 
 # Progress is written to the job record at most this often (every event still goes to the stream).
 PROGRESS_WRITE_INTERVAL_S = 0.5
+# Folder (under the datasets root) of the copies of uploaded datasets, named `<id>-<digest>.<format>`.
+DATASETS_CACHE = ".uploaded"
 
 
 class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
@@ -239,7 +241,8 @@ class Trainer:
         outcome: loop.Outcome | None = None
         error: CyError | None = None
         try:
-            plan = await asyncio.to_thread(self._plan, job)
+            fetched = await self._fetch_dataset(job)
+            plan = await asyncio.to_thread(self._plan, job, fetched)
             outcome = await asyncio.to_thread(loop.run, plan, bridge)
         except CyError as exc:
             error = exc
@@ -264,7 +267,14 @@ class Trainer:
         assert outcome is not None
         await self._finish(job, outcome, msg)
 
-    def _plan(self, job: TrainingJob) -> loop.Plan:
+    async def _fetch_dataset(self, job: TrainingJob) -> Path | None:
+        """An uploaded dataset, copied from the object store into this trainer's own datasets folder (no disk
+        is shared with the gateway); None for a `datasetPath` job. Raises CyError."""
+        if not job.dataset_id:
+            return None
+        return await self.jobs.datasets.fetch(job.dataset_id, job.dataset_digest, self.roots.datasets / DATASETS_CACHE)
+
+    def _plan(self, job: TrainingJob, fetched: Path | None = None) -> loop.Plan:
         """Resolve the model and re-check the paths against this trainer's roots. Raises CyError."""
         spec = self.registry.models.get(job.model_id)
         if spec is None:
@@ -279,7 +289,7 @@ class Trainer:
             job_id=job.job_id,
             model_path=str(model_path),
             max_model_len=spec.max_model_len,
-            dataset_file=confine(self.roots.datasets, job.dataset_path, "datasetPath"),
+            dataset_file=fetched or confine(self.roots.datasets, job.dataset_path, "datasetPath"),
             output_path=confine(self.roots.outputs, job.output_dir, "outputDir"),
             hp=job.hyper_params,
             lora=EffectiveLora.merge(job.hyper_params, job.lora_config),

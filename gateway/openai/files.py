@@ -1,0 +1,98 @@
+"""OpenAI's /v1/files for fine-tuning data, on the same object store as /api/v1/datasets (one id for both).
+
+Only `purpose="fine-tune"` is accepted; a file is validated row by row when it is uploaded (chat `messages`
+rows as OpenAI documents them, or Alpaca rows), so a file that is listed is always usable for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from gateway.api_v1.datasets import read_upload
+from gateway.core import GatewayCore
+from gateway.http_errors import json_response
+from gateway.openai.errors import bad_request
+from services.trainer.datasets_store import DatasetInfo, DatasetStore
+
+PURPOSE = "fine-tune"
+
+
+def file_object(info: DatasetInfo) -> dict[str, Any]:
+    return {
+        "id": info.dataset_id,
+        "object": "file",
+        "bytes": info.bytes,
+        "created_at": info.created_ms // 1000,
+        "filename": info.name,
+        "purpose": PURPOSE,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "")
+    if not raw:
+        return 10_000
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 10_000:
+        raise bad_request("limit", f"Invalid value for 'limit': '{raw}' is not an integer between 1 and 10000.")
+    return int(raw)
+
+
+def make_blueprint(core: GatewayCore, store: Callable[[], DatasetStore]) -> Blueprint:
+    bp = Blueprint("openai_files", __name__)
+
+    @bp.post("/files")
+    async def create_file() -> Response:
+        data, name, form = await read_upload("file")
+        purpose = form.get("purpose", "")
+        if purpose != PURPOSE:
+            raise bad_request(
+                "purpose",
+                f"Invalid value for 'purpose': '{purpose}'. Only '{PURPOSE}' files are supported here.",
+                code="invalid_value" if purpose else "missing_required_parameter",
+            )
+        return json_response(file_object(await store().put(data, name)))
+
+    @bp.get("/files")
+    async def list_files() -> Response:
+        purpose = request.args.get("purpose", "")
+        found = [] if purpose and purpose != PURPOSE else await store().list()
+        if request.args.get("order", "desc") == "asc":
+            found.reverse()
+        after = request.args.get("after", "")
+        if after:
+            ids = [d.dataset_id for d in found]
+            found = found[ids.index(after) + 1 :] if after in ids else []
+        limit = _limit()
+        page = found[:limit]
+        return json_response(
+            {
+                "object": "list",
+                "data": [file_object(d) for d in page],
+                "has_more": len(found) > limit,
+                "first_id": page[0].dataset_id if page else None,
+                "last_id": page[-1].dataset_id if page else None,
+            }
+        )
+
+    @bp.get("/files/<file_id>")
+    async def retrieve_file(file_id: str) -> Response:
+        return json_response(file_object(await store().info(file_id, field="file_id")))
+
+    @bp.delete("/files/<file_id>")
+    async def delete_file(file_id: str) -> Response:
+        info = await store().delete(file_id, field="file_id")
+        return json_response({"id": info.dataset_id, "object": "file", "deleted": True})
+
+    @bp.get("/files/<file_id>/content")
+    async def file_content(file_id: str) -> Response:
+        info, data = await store().read(file_id, field="file_id")
+        content_type = "application/json" if info.format == "json" else "application/jsonl"
+        return Response(data, content_type=content_type)
+
+    return bp
