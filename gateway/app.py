@@ -35,13 +35,13 @@ def create_api_app(core: GatewayCore) -> Quart:
     """The spec's REST API under /api/v1, every route behind X-API-Key but its OpenAPI document and docs page."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
-    app.request_class = datasets.upload_request_class(
-        frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes
-    )
+    app.request_class = datasets.upload_request_class(frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes)
     harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
     for module in (inference, models, health, training, datasets):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
     public = (openapi.JSON_PATH, openapi.DOCS_PATH)
+    # Counts every request; GET /metrics is answered before the app (no API key: README, "Metrics").
+    core.metrics.install(app, "api", serve=True)
     app.register_blueprint(
         docs_blueprint("openapi", openapi.build_document(), json_paths=public[:1], docs_path=openapi.DOCS_PATH)
     )

@@ -28,6 +28,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
     app.request_class = upload_request_class(frozenset({"/v1/files"}), core.settings.max_dataset_bytes)
     harden(app, lambda error: (msgspec.json.encode(openai_error(error)[1]), {"x-should-retry": "false"}))
+    core.metrics.install(app, "openai")
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(files.make_blueprint(core, lazy_store(core)), url_prefix="/v1")

@@ -25,7 +25,7 @@ from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
 from schemas.workers import ServedModel, WorkerInfo
-from services import streams
+from services import discovery, metrics, streams
 from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.detokenizer import IncrementalDetokenizer
@@ -58,6 +58,9 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     kv_cache_gb: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
     prefill_budget: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
     engine_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    # Prometheus /metrics of this worker: the first free port from metrics_port (0 = off; services/metrics.py).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(
@@ -117,6 +120,9 @@ class Worker:
         self._adapters: AdapterSync | None = None
         self._reensuring: asyncio.Task[Any] | None = None
         self._reensured_at = 0.0
+        self.metrics = metrics.WorkerMetrics(self.worker_id, self.model_id, lambda: (self.engine.slots, self._busy))
+        self._metrics_server: metrics.MetricsServer | None = None
+        self._service: Any = None  # the NATS micro service (services/discovery.py)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def __aenter__(self) -> Worker:
@@ -141,6 +147,13 @@ class Worker:
         await self.nc.subscribe(subjects.model_requests_filter(self.model_id), cb=self._on_doorbell)
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
         await self._announce()
+        self._metrics_server = metrics.serve(
+            self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+        )
+        metrics_url = self._metrics_server.url if self._metrics_server else ""
+        self._service = await discovery.add_worker_service(
+            self.nc, self.info, model_id=self.model_id, metrics_url=metrics_url
+        )
         try:
             if self.engine_name == "transformers":
                 await asyncio.to_thread(_ensure_model_files, self.spec)
@@ -201,6 +214,11 @@ class Worker:
         self._stopping = True
         self._doorbell.set()
         log.info("worker_draining", open_streams=len(self._active))
+        if self._service is not None:  # leave discovery first: nobody should look for us any more
+            try:
+                await asyncio.wait_for(self._service.stop(), 2.0)
+            except Exception:
+                pass
         try:  # NATS may be gone: every NATS step of the shutdown is bounded, so SIGTERM always ends the worker
             await asyncio.wait_for(self._announce(), 2.0)
         except Exception:
@@ -217,6 +235,8 @@ class Worker:
             except Exception:
                 pass
         await close_nats(self.nc)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
         self._stopped.set()
         log.info("worker_stopped")
 
@@ -334,6 +354,10 @@ class Worker:
                 await self._reject_undecodable(msg.data, str(exc))
                 return
             await msg.ack()
+            try:
+                self.metrics.observe_queue_wait(msg.metadata.timestamp.timestamp())
+            except Exception:  # not a JetStream delivery: no queue time to tell
+                pass
             await self._run(request)
         finally:
             self._busy -= 1
@@ -439,7 +463,11 @@ class Worker:
         finally:
             self._active.pop(trace_id, None)
             self._cancel_requested.discard(trace_id)
-            log.info("generation", outcome=outcome, duration_ms=round((time.monotonic() - started) * 1000, 1), **stats)
+            duration_s = time.monotonic() - started
+            log.info("generation", outcome=outcome, duration_ms=round(duration_s * 1000, 1), **stats)
+            # Adapter label only for one this engine serves: a request's free text never becomes a series.
+            served = req.adapter if req.adapter and self.engine.has_adapter(req.adapter) else ""
+            self.metrics.observe_generation(outcome, served, duration_s, stats)
 
     async def _generate(self, req: GenerateRequest, started: float, stats: dict[str, Any]) -> StreamEnd:
         trace_id = req.trace_id

@@ -35,7 +35,10 @@ from schemas.training import (
     ticket_decoder,
 )
 from services import streams
+from services.discovery import add_training_service
 from services.engine.registry import Registry, load_registry
+from services.metrics import MetricsServer, TrainerMetrics
+from services.metrics import serve as serve_metrics
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
 from services.trainer import loop
 from services.trainer.jobs import JobService, now_ms
@@ -65,6 +68,9 @@ class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
     trainer_max_restarts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 3
     # On SIGTERM: seconds to checkpoint the running job and hand it back to the queue.
     trainer_drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # Prometheus /metrics of this trainer: the first free port from metrics_port (0 = off; services/metrics.py).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
 
 
 class _Bridge:
@@ -104,6 +110,8 @@ class Trainer:
         self._tasks = Tasks()
         self._stopping = False
         self._stopped = asyncio.Event()
+        self.metrics = TrainerMetrics(self.trainer_id, lambda: self.current_job)
+        self._metrics_server: MetricsServer | None = None
 
     @property
     def current_job(self) -> str | None:
@@ -129,7 +137,16 @@ class Trainer:
         self._queue = await js.pull_subscribe_bind(
             durable=subjects.TRAINING_QUEUE_CONSUMER, stream=subjects.TRAINING_QUEUE_STREAM
         )
-        await self.jobs.serve()
+        self._metrics_server = serve_metrics(
+            self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
+        )
+        # The TrainingService verbs, registered as the NATS micro service `cy-llm-training` (discovery.py).
+        await add_training_service(
+            self.nc,
+            self.jobs.handle,
+            trainer_id=self.trainer_id,
+            metrics_url=self._metrics_server.url if self._metrics_server else "",
+        )
         await self.nc.subscribe(subjects.TRAINING_CONTROL_ALL, cb=self._on_control)
         self._tasks.spawn(self._pull_loop(), name="pull")
         log.info("trainer_ready", datasets=str(self.roots.datasets), outputs=str(self.roots.outputs))
@@ -159,6 +176,8 @@ class Trainer:
             except Exception:
                 pass
         await close_nats(self.nc)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.close)
         self._stopped.set()
         log.info("trainer_stopped")
 
@@ -255,6 +274,7 @@ class Trainer:
         finally:
             bridge.reports.put_nowait(None)
             await pump
+            self.metrics.job_done(job.job_id)
             keepalive.cancel()
             self._bridge = None
         if bridge.request == "lost":
@@ -318,6 +338,7 @@ class Trainer:
                 return
             kind, progress, message = item
             try:
+                self.metrics.observe_progress(bridge.job.job_id, kind, progress.step, progress.elapsed_s, progress.loss)
                 await self.jobs.event(bridge.job, kind, message, progress)
                 # Not throttled: every event but "step", so a saved checkpoint shows in the record at once.
                 if kind != "step" or loop_time() - last_write >= PROGRESS_WRITE_INTERVAL_S:
