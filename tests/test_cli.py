@@ -231,16 +231,19 @@ async def test_train_start_follow_runs_a_job_to_completion_and_jobs_ls_lists_it(
     ran = await cy(
         env,
         "train", "start", "--base-model", "tiny", "--dataset", dataset, "--output-dir", output,
-        "--epochs", "2", "--eval-steps", "2", *FAST, *FAST_LORA, "--follow",
+        "--epochs", "2", "--eval-split", "0.25", "--eval-steps", "2", *FAST, *FAST_LORA, "--follow",
         entry_point=True,
     )  # fmt: skip
     assert ran.rc == 0, ran.out + ran.err
     job_id = ran.out.split(":", 1)[0].strip()
     assert job_id.startswith("job-"), ran.out
     assert "completed in" in ran.out and f"adapter {output}" in ran.out
-    assert "started" in ran.out and "eval" in ran.out  # the non-step events are printed as lines
-    assert "4/4" in ran.out  # the bar ends at step 4 of 4
-
+    lines = ran.out.splitlines()
+    # Events other than steps are printed as lines above the bar: here the eval loss at steps 2 and 4.
+    assert [line.split()[1] for line in lines[1:6]] == ["queued", "started", "eval", "eval", "completed"], ran.out
+    assert " eval 2/4 epoch 1 loss " in lines[3] and " eval " in lines[3].split(" loss ")[1]
+    bar = next(line for line in lines if line.startswith(f"{job_id} completed"))
+    assert " 4/4 loss " in bar and " tok/s" in bar and "ETA 0:00" in bar and "eval -" not in bar
     listed = await cy(env, "jobs", "ls", "--status", "completed")
     assert listed.rc == 0, listed.err
     row = next(line for line in listed.out.splitlines() if job_id in line)
@@ -251,7 +254,7 @@ async def test_train_start_follow_runs_a_job_to_completion_and_jobs_ls_lists_it(
 
     events = await cy(env, "jobs", "events", job_id)
     kinds = [line.split()[1] for line in events.out.splitlines()]
-    assert kinds[0] == "queued" and kinds[-1] == "completed" and kinds.count("step") == 4
+    assert kinds[0] == "queued" and kinds[-1] == "completed" and kinds.count("step") == 4 and kinds.count("eval") == 2
 
     again = await cy(env, "jobs", "cancel", job_id)
     assert again.rc == 1 and "INVALID_REQUEST" in again.err and "already completed" in again.err

@@ -45,8 +45,9 @@ def event_line(event: dict[str, Any]) -> str:
     p = event.get("progress") or {}
     parts = [f"[dim]{escape(str(event.get('time', '')))}[/]", f"[bold]{escape(str(event.get('kind', '')))}[/]"]
     if p:
-        parts.append(f"step {p.get('currentStep', 0)}/{p.get('totalSteps', 0)} epoch {p.get('currentEpoch', 0)}")
-        parts.append(f"loss {_num(p.get('loss'))}")
+        parts.append(f"{p.get('currentStep', 0)}/{p.get('totalSteps', 0)} epoch {p.get('currentEpoch', 0)}")
+        if p.get("currentStep"):  # before the first step the loss is a placeholder
+            parts.append(f"loss {_num(p.get('loss'))}")
         if p.get("evalLoss") is not None:
             parts.append(f"eval {_num(p['evalLoss'])}")
         if p.get("tokensPerSecond") is not None:
