@@ -10,6 +10,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from gateway import console
 from gateway.api_v1 import datasets, health, inference, models, openapi, training
 from gateway.api_v1.auth import require_api_key
 from gateway.core import GatewayCore
@@ -81,6 +82,7 @@ def create_api_app(core: GatewayCore) -> Quart:
         log.exception("unhandled_error")
         return error_response(CyError(ErrorCode.INTERNAL_ERROR, "internal error"))
 
+    console.mount(app)  # the web console's static files at /console/ (no key to load; its API calls send one)
     return app
 
 
