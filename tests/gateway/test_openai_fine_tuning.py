@@ -8,6 +8,7 @@ import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -47,7 +48,7 @@ async def trainer(nats_server: NatsServer, registry: Registry, tmp_path: Path) -
         yield t
 
 
-def jsonl(rows: list[dict[str, object]]) -> bytes:
+def jsonl(rows: list[Any]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
