@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from gateway.cli.client import Client, SseEvent
+from gateway.cli.client import Client
 from gateway.cli.config import config_of
 from gateway.cli.errors import CliError
 
@@ -248,6 +248,3 @@ def events(
     with Client.api(config_of(ctx)) as client:
         for event in stream_events(client, job_id, follow=follow):
             console.print(event_line(event))
-
-
-__all__ = ["SseEvent", "app", "follow_job"]
