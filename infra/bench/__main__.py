@@ -370,7 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     watch.start()
     others.start()
     bench = Bench(args, workload, run_dir, model_id, model_dir)
-    asyncio.run(bench.run())
+    interrupted = ""
+    try:
+        asyncio.run(bench.run())
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: every target is stopped by now
+        if not bench.levels:
+            raise
+        # On a busy shared machine a run can take far longer than planned: keep the levels that finished.
+        interrupted = f"interrupted ({exc or 'Ctrl-C'}) after {len(bench.levels)} target-levels"
+        stage(f"{interrupted}; reporting those")
     facts["loadavg_at_end"] = os.getloadavg()
     results: dict[str, Any] = {
         "mode": mode,
@@ -390,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "workers": bench.workers,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if interrupted:
+        results["interrupted"] = interrupted
     if bench.profile:
         results["profile"] = bench.profile
     if bench.vllm:
@@ -403,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nraw figures: {json_path}")
     print(f"plot:        {png_path}" if plotted else "plot:        skipped (pip install matplotlib)")
     print(f"logs:        {run_dir}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -148,6 +148,8 @@ def table(results: dict[str, Any]) -> str:
         f"transformers {facts['transformers']}, openvino-genai {facts.get('openvino_genai')}, "
         f"commit {facts['git_commit'][:10]}{dirty}",
     ]
+    if results.get("interrupted"):
+        parts.append(f"INCOMPLETE: {results['interrupted']}; the levels below are the ones that finished")
     if results.get("engine_env"):
         parts.append("engine environment: " + " ".join(f"{k}={v}" for k, v in results["engine_env"].items()))
     vllm = results.get("vllm")
