@@ -81,9 +81,13 @@ async def page(browser: Browser, gw: Gateway) -> AsyncIterator[Page]:
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     await page.goto(f"{gw.api_url}/console/")
     await expect(page.locator("#key-dialog")).to_be_visible()
+    await page.fill("#key-input", "not-the-key")
+    await page.click("#key-submit")
+    await expect(page.locator("#key-error")).to_contain_text("invalid API key")
     await page.fill("#key-input", API_KEY)
     await page.click("#key-submit")
     await expect(page.locator("#key-dialog")).to_be_hidden()
+    errors.clear()  # Chromium logs the wrong key's 401 as a console error; from here on, none is expected
     yield page
     await context.close()
     assert errors == [], errors
@@ -134,6 +138,17 @@ async def test_a_chat_message_streams_its_answer_into_the_page(page: Page) -> No
     assert text.strip() and growth >= 3, (text, growth)
     await expect(page.locator("#chat-stats")).to_contain_text("chunks in")
     await expect(page.locator("#stop")).to_be_disabled()
+
+    # Stop aborts the fetch mid-answer: the answer ends there, marked stopped.
+    await page.fill("#maxNewTokens", "200")
+    await page.fill("#prompt", "Now a long one, please.")
+    await page.click("#send")
+    stopped = page.locator(".turn.assistant").last
+    await expect(stopped).not_to_have_text("")
+    await page.click("#stop")
+    await expect(stopped).to_have_attribute("data-finish", "stopped")
+    await expect(page.locator("#chat-stats")).to_contain_text("stopped:")
+    await expect(page.locator("#send")).to_be_enabled()
     await shot(page, "chat")
 
 
@@ -202,5 +217,6 @@ async def test_the_status_page_shows_the_worker_queue_and_models(page: Page) -> 
     await expect(workers).to_have_text(re.compile(r"^[1-9]\d* / \d+ healthy$"))
     await expect(page.locator("#queue")).to_have_text(re.compile(r"^\d+ / \d+ pending$"))
     await expect(page.locator("#models-table tr[data-model=tiny] td").nth(1)).to_have_text("ready")
-    await expect(page.locator("#throughput")).to_have_text(re.compile(r"chunks/s$"))  # the chat test measured it
+    # Measured by the page from the chat test's answers (same page, earlier in this module).
+    await expect(page.locator("#throughput")).to_have_text(re.compile(r"chunks/s$"))
     await shot(page, "status")
