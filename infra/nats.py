@@ -45,6 +45,9 @@ _KV_TRAINING = [
     subjects.kv_subjects(subjects.TRAINING_JOBS_BUCKET),
     subjects.kv_subjects(subjects.TRAINING_CLAIMS_BUCKET),
     subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
+    # Trained adapters and checkpoints: the trainer uploads, the gateway deletes (workers only read, which
+    # takes the JS API and their inbox).
+    subjects.object_subjects(subjects.ADAPTER_FILES_BUCKET),
 ]
 # The services manage JetStream themselves ($JS.API: streams, consumers, KV), so they keep the whole API.
 ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
@@ -58,6 +61,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             *_KV_TRAINING,
             SRV_ALL,  # asks the NATS micro services ($SRV.PING/INFO/STATS) and the workers' info endpoints
             WORKERS_ALL,
+            subjects.kv_subjects(subjects.RATELIMITS_BUCKET),
             # Uploaded datasets: the gateway stores and deletes them; trainers only read (JS API + inbox).
             subjects.object_subjects(subjects.DATASETS_BUCKET),
         ],

@@ -236,6 +236,29 @@ def adapter_key(model_id: str, adapter: str) -> str:
     return f"{token(model_id)}.{token(adapter)}"
 
 
+# --- adapter files (JetStream object store): workers fetch trained adapters from here, no shared disk --
+ADAPTER_FILES_BUCKET = f"{_BUCKET_PREFIX}_adapter_files"
+
+
+def adapter_object(model_id: str, adapter: str, digest: str) -> str:
+    """Object name of one version of a trained adapter (a tar of its folder; `digest` = its sha256)."""
+    return f"adapters/{adapter_key(model_id, adapter)}/{digest[:16]}.tar"
+
+
+def checkpoint_object(job_id: str) -> str:
+    """Object name of a training job's latest checkpoint (replaced at every save, deleted when it ends)."""
+    return f"checkpoints/{job_key(job_id)}.tar"
+
+
+# --- rate limits shared by every gateway (JetStream KV, keys expire with the bucket's max age) -------
+RATELIMITS_BUCKET = f"{_BUCKET_PREFIX}_ratelimits"
+
+
+def ratelimit_key(client: str, window: int) -> str:
+    """Counter of `client`'s requests in fixed window number `window`."""
+    return f"{token(client)}.{window}"
+
+
 def workers_updates() -> str:
     """Every put/delete in the workers bucket, as seen by a plain core-NATS subscription."""
     return f"$KV.{WORKERS_BUCKET}.>"

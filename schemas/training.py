@@ -183,6 +183,11 @@ class AdapterRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     path: str
     job_id: str = ""
     created_ms: int = 0
+    # Where its files are in `subjects.ADAPTER_FILES_BUCKET` ("" for records written before the object
+    # store, or by hand: workers then load `path`, which must be on their disk), and their sha256 (hex).
+    object: str = ""
+    digest: str = ""
+    size: int = 0
 
 
 # --- TrainingService verbs: request on `subjects.training_api_subject(verb)`, reply = TrainingReply --

@@ -182,6 +182,16 @@ async def ensure_adapters_bucket(js: JetStreamContext) -> KeyValue:
     return await ensure_bucket(js, subjects.ADAPTERS_BUCKET)
 
 
+async def ensure_adapter_files(js: JetStreamContext) -> ObjectStore:
+    """The object store of trained adapters and of the latest checkpoint of each running job."""
+    return await admin(lambda: _ensure_object_store(js, subjects.ADAPTER_FILES_BUCKET), "adapter files")
+
+
+async def ensure_ratelimits_bucket(js: JetStreamContext, window_s: float) -> KeyValue:
+    """The gateways' shared request counters: in memory, each key dropped two windows after its last write."""
+    return await ensure_bucket(js, subjects.RATELIMITS_BUCKET, ttl=2 * window_s, storage=StorageType.MEMORY)
+
+
 async def ensure_training_consumer(js: JetStreamContext, ack_wait: float) -> None:
     """The one pull consumer every trainer shares. A job stays invisible to other trainers while its
     trainer keeps acking "in progress"; `ack_wait` after the last one it is delivered again."""

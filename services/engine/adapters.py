@@ -3,7 +3,11 @@ adapters KV bucket (`subjects.ADAPTERS_BUCKET`, key `subjects.adapter_key(model_
 
 `AdapterSync` loads every adapter of the worker's model when the worker starts, then follows the bucket
 and loads (or replaces, or drops) adapters as they are registered, so a freshly trained adapter becomes
-usable by name without a restart. Engines implement `register_adapter(name, path)` (and optionally
+usable by name without a restart. A trained adapter's files come from the object store
+(`subjects.ADAPTER_FILES_BUCKET`, the record's `object` and `digest`) into a cache folder of this worker,
+`<data dir>/adapter-cache/<model>.<adapter>-<digest16>` (removed when the adapter is deleted or replaced),
+so workers need no disk shared with the trainer; static registry adapters and records without an object
+load from their `path`. Engines implement `register_adapter(name, path)` (and optionally
 `unregister_adapter(name)`); `attach` below is the transformers/peft implementation.
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,10 +26,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
 
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.training import AdapterRecord, adapter_decoder
+from services import adapter_store
+from services.runtime import data_dir
 
 log = structlog.get_logger()
 
@@ -64,7 +72,10 @@ def attach(model: Any, name: str, path: str) -> Any:
 
 def detach(model: Any, name: str, _path: str = "") -> Any:
     """Drop adapter `name` and return the model to run (call with `model_lock` held)."""
-    if name in getattr(model, "peft_config", {}):
+    config = getattr(model, "peft_config", {})
+    if name in config:
+        if len(config) == 1:  # the last one: back to the plain base model (a PeftModel cannot have none)
+            return model.unload()
         model.delete_adapter(name)
     return model
 
@@ -87,6 +98,7 @@ class AdapterSync:
         on_change: Callable[[], Awaitable[None]],
         *,
         resync_s: float = RESYNC_S,
+        cache_dir: Path | None = None,
     ) -> None:
         self.nc = nc
         self.engine = engine
@@ -95,6 +107,10 @@ class AdapterSync:
         self.on_change = on_change
         self.resync_s = resync_s
         self._loaded: dict[str, tuple[str, int]] = {}  # trained adapters: name -> (path, created_ms)
+        # Where fetched adapters are unpacked; name -> the cache folder its engine copy came from.
+        self.cache_dir = cache_dir if cache_dir is not None else data_dir() / "adapter-cache"
+        self._cached: dict[str, Path] = {}
+        self._store: ObjectStore | None = None
         self._lock = asyncio.Lock()
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -154,7 +170,21 @@ class AdapterSync:
                 changed |= await self._apply(record)
         for name in set(self._loaded) - present:
             changed |= await self._drop(name)
+        await asyncio.to_thread(self._prune_cache)
         return changed
+
+    def cache_folder(self, record: AdapterRecord) -> Path:
+        return self.cache_dir / f"{subjects.adapter_key(self.model_id, record.name)}-{record.digest[:16]}"
+
+    def _prune_cache(self) -> None:
+        """Remove this model's cache folders that no loaded adapter uses (deleted while this worker was away)."""
+        prefix = f"{subjects.token(self.model_id)}."
+        in_use = set(self._cached.values())
+        if not self.cache_dir.is_dir():
+            return
+        for path in self.cache_dir.iterdir():
+            if path.name.startswith(prefix) and path not in in_use:
+                shutil.rmtree(path, ignore_errors=True)
 
     async def _resync_loop(self) -> None:
         while True:
@@ -168,11 +198,15 @@ class AdapterSync:
     async def _on_update(self, msg: Msg) -> None:
         key = msg.subject.removeprefix(f"$KV.{subjects.ADAPTERS_BUCKET}.")
         op = (msg.headers or {}).get("KV-Operation")
-        if op in ("DEL", "PURGE"):
-            changed = await self._drop(subjects.untoken(key.split(".", 1)[1]))
-        else:
-            record = _decode(key, msg.data)
-            changed = record is not None and await self._apply(record)
+        try:
+            if op in ("DEL", "PURGE"):
+                changed = await self._drop(subjects.untoken(key.split(".", 1)[1]))
+            else:
+                record = _decode(key, msg.data)
+                changed = record is not None and await self._apply(record)
+        except Exception:  # the next resync tries again
+            log.exception("adapter_update_failed", key=key, op=op)
+            return
         if changed:
             try:
                 await self.on_change()
@@ -197,10 +231,38 @@ class AdapterSync:
     async def _apply(self, record: AdapterRecord) -> bool:
         if self._loaded.get(record.name) == (record.path, record.created_ms):
             return False
-        if await self._load(record.name, record.path):
+        folder = await self._fetch(record) if record.object else None
+        if await self._load(record.name, str(folder) if folder is not None else record.path):
             self._loaded[record.name] = (record.path, record.created_ms)
+            self._forget_cache(record.name, keep=folder)
+            if folder is not None:
+                self._cached[record.name] = folder
             return True
         return False
+
+    async def _fetch(self, record: AdapterRecord) -> Path | None:
+        """The record's files in this worker's cache (downloaded if not there yet); None when they cannot be
+        fetched (then its `path` is tried: it works where the trainer's disk is shared)."""
+        try:
+            if self._store is None:
+                self._store = await self.nc.jetstream().object_store(subjects.ADAPTER_FILES_BUCKET)
+            return await adapter_store.fetch_adapter(
+                self._store, record.object, record.digest, self.cache_folder(record)
+            )
+        except Exception as exc:
+            log.error(
+                "adapter_fetch_failed",
+                model_id=self.model_id,
+                adapter=record.name,
+                object=record.object,
+                error=repr(exc),
+            )
+            return None
+
+    def _forget_cache(self, name: str, keep: Path | None = None) -> None:
+        old = self._cached.pop(name, None)
+        if old is not None and old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
     async def _drop(self, name: str) -> bool:
         unregister = getattr(self.engine, "unregister_adapter", None)
@@ -209,6 +271,7 @@ class AdapterSync:
         async with self._lock:
             await unregister(name)
         del self._loaded[name]
+        self._forget_cache(name)
         log.info("adapter_dropped", model_id=self.model_id, adapter=name)
         return True
 

@@ -35,7 +35,7 @@ Result = Literal["completed", "cancelled", "paused", "stopped", "lost"]
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 KEEP_CHECKPOINTS = 2
-_STATE = "trainer_state.pt"
+_STATE = STATE_FILE = "trainer_state.pt"
 
 
 class Control(Protocol):

@@ -22,6 +22,8 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.object_store import ObjectStore
 
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
@@ -31,10 +33,11 @@ from schemas.training import (
     EventKind,
     Progress,
     TrainingJob,
+    adapter_decoder,
     control_decoder,
     ticket_decoder,
 )
-from services import streams
+from services import adapter_store, streams
 from services.discovery import add_training_service
 from services.engine.registry import Registry, load_registry
 from services.metrics import MetricsServer, TrainerMetrics
@@ -80,6 +83,7 @@ class _Bridge:
         self.job = job
         self.request: loop.Request | None = None
         self.reports: asyncio.Queue[tuple[EventKind, Progress, str] | None] = asyncio.Queue()
+        self.output_path: Path | None = None  # known once the job's plan is made
         self._loop = asyncio.get_running_loop()
         self._trainer = trainer
 
@@ -106,6 +110,7 @@ class Trainer:
         self.roots = Roots.from_settings(settings.datasets_dir, settings.outputs_dir)
         self.nc: NATS | None = None
         self.jobs: JobService
+        self._files: ObjectStore
         self._bridge: _Bridge | None = None
         self._tasks = Tasks()
         self._stopping = False
@@ -133,6 +138,7 @@ class Trainer:
         self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
         await self.jobs.kv()
         _, self._adapters = await streams.ensure_training(js)
+        self._files = await streams.ensure_adapter_files(js)
         await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
         self._queue = await js.pull_subscribe_bind(
             durable=subjects.TRAINING_QUEUE_CONSUMER, stream=subjects.TRAINING_QUEUE_STREAM
@@ -157,6 +163,7 @@ class Trainer:
         js = self.nc.jetstream()
         await streams.ensure_training_after_reconnect(js)
         await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
+        self._files = await streams.ensure_adapter_files(js)
 
     async def stop(self) -> None:
         """Checkpoint and requeue the running job (bounded by trainer_drain_timeout), then disconnect.
@@ -262,6 +269,8 @@ class Trainer:
         try:
             fetched = await self._fetch_dataset(job)
             plan = await asyncio.to_thread(self._plan, job, fetched)
+            bridge.output_path = plan.output_path
+            await self._fetch_checkpoint(job, plan.output_path)
             outcome = await asyncio.to_thread(loop.run, plan, bridge)
         except CyError as exc:
             error = exc
@@ -280,6 +289,8 @@ class Trainer:
         if bridge.request == "lost":
             log.warning("training_job_lost", job_id=job.job_id)
             return  # another trainer owns the job and its message now
+        if error is not None or (outcome is not None and outcome.result in ("completed", "cancelled")):
+            await self._forget_checkpoint(job.job_id)
         if error is not None:
             await self._finish_failed(job.job_id, error)
             await msg.ack()
@@ -337,6 +348,9 @@ class Trainer:
             if item is None:
                 return
             kind, progress, message = item
+            if kind == "checkpoint" and bridge.output_path is not None:
+                # Awaited here, so the checkpoint a stopping trainer saves is uploaded before the job is requeued.
+                await self._upload_checkpoint(bridge.job.job_id, bridge.output_path, progress.step)
             try:
                 self.metrics.observe_progress(bridge.job.job_id, kind, progress.step, progress.elapsed_s, progress.loss)
                 await self.jobs.event(bridge.job, kind, message, progress)
@@ -424,11 +438,53 @@ class Trainer:
         log.info("training_job_" + kind, step=outcome.progress.step, total=outcome.progress.total_steps)
 
     async def _register_adapter(self, job: TrainingJob, path: Path) -> None:
+        """Upload the adapter's files to the object store, then register it (workers fetch it from there)."""
+        key = subjects.adapter_key(job.model_id, job.adapter_name)
+        obj, digest, size = await adapter_store.upload_adapter(self._files, job.model_id, job.adapter_name, path)
+        try:
+            previous = adapter_decoder.decode((await self._adapters.get(key)).value or b"")
+        except (KeyNotFoundError, KeyDeletedError, msgspec.DecodeError, msgspec.ValidationError):
+            previous = None
         record = AdapterRecord(
-            model_id=job.model_id, name=job.adapter_name, path=str(path), job_id=job.job_id, created_ms=now_ms()
+            model_id=job.model_id,
+            name=job.adapter_name,
+            path=str(path),
+            job_id=job.job_id,
+            created_ms=now_ms(),
+            object=obj,
+            digest=digest,
+            size=size,
         )
-        await self._adapters.put(subjects.adapter_key(job.model_id, job.adapter_name), codec.encode(record))
-        log.info("adapter_registered", model_id=job.model_id, adapter=job.adapter_name, path=str(path))
+        await self._adapters.put(key, codec.encode(record))
+        if previous is not None and previous.object and previous.object != obj:
+            await adapter_store.delete(self._files, previous.object)  # the version this one replaces
+        log.info("adapter_registered", model_id=job.model_id, adapter=job.adapter_name, path=str(path), object=obj)
+
+    # --- checkpoints in the object store (resume on a trainer without this one's disk) -------------
+    async def _upload_checkpoint(self, job_id: str, output_path: Path, step: int) -> None:
+        folder = output_path / loop.CHECKPOINTS / f"step-{step:06d}"
+        try:
+            await adapter_store.upload_checkpoint(self._files, job_id, folder)
+        except Exception as exc:  # the local checkpoint still serves a resume on this trainer
+            log.warning("checkpoint_upload_failed", checkpoint=folder.name, error=repr(exc))
+
+    async def _fetch_checkpoint(self, job: TrainingJob, output_path: Path) -> None:
+        """A job that was checkpointed elsewhere: fetch that checkpoint unless this disk already has it."""
+        if not job.checkpoint_step:
+            return
+        local = output_path / loop.CHECKPOINTS / f"step-{job.checkpoint_step:06d}"
+        if (local / loop.STATE_FILE).exists():
+            return
+        try:
+            await adapter_store.fetch_checkpoint(self._files, job.job_id, output_path / loop.CHECKPOINTS)
+        except Exception as exc:  # then it starts from whatever this disk has (or step 0)
+            log.warning("checkpoint_fetch_failed", error=repr(exc))
+
+    async def _forget_checkpoint(self, job_id: str) -> None:
+        try:
+            await adapter_store.delete(self._files, subjects.checkpoint_object(job_id))
+        except Exception as exc:
+            log.warning("checkpoint_delete_failed", error=repr(exc))
 
     async def _finish_failed(self, job_id: str, error: CyError, *, force: bool = False) -> None:
         """Fail the job this trainer owns (`force`: whoever owned it, for a job nobody can finish)."""

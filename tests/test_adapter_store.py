@@ -1,0 +1,139 @@
+"""Adapters through the JetStream object store: a trainer and a worker with no disk in common."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js.errors import ObjectDeletedError, ObjectNotFoundError
+
+from schemas import subjects
+from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
+from schemas.training import HyperParams, LoraConfig, StartTraining
+from services import adapter_store, streams
+from services.engine.registry import Registry
+from services.engine.worker import Worker
+from services.trainer.paths import Roots
+from tests.helpers import NatsServer, running_worker, wait_until
+from tests.trainer.helpers import (
+    ANSWER,
+    QUESTION,
+    job_service,
+    roots_for,
+    running_trainer,
+    teach_rows,
+    unique,
+    wait_finished,
+    write_jsonl,
+)
+
+GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
+
+
+async def answer(worker: Worker, adapter: str) -> str:
+    engine = worker.engine
+    ids = engine.encode(
+        GenerateRequest(trace_id="t", model_id="tiny", messages=[ChatMessage(role="user", content=QUESTION)])
+    )
+    out: list[int] = []
+    async for step in engine.generate(ids, GREEDY, adapter):
+        out.extend(step.token_ids)
+    return str(engine.tokenizer.decode(out, skip_special_tokens=True))
+
+
+async def test_packed_folders_round_trip_with_their_digest_and_a_wrong_digest_is_refused(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "adapter_config.json").write_text('{"r": 8}')
+    (source / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 1000)
+    nc = await nats.connect(nats_server.url)
+    try:
+        store = await streams.ensure_adapter_files(nc.jetstream())
+        model = unique("model")
+        name, digest, size = await adapter_store.upload_adapter(store, model, "one", source)
+        again = adapter_store.pack(source)
+        again.close()
+        assert again.digest == digest and size > 256_000  # deterministic: same files, same digest
+        got = await adapter_store.fetch_adapter(store, name, digest, tmp_path / "cache" / "one")
+        assert (got / "sub" / "weights.bin").read_bytes() == (source / "sub" / "weights.bin").read_bytes()
+        with pytest.raises(ValueError, match="sha256"):
+            await adapter_store.fetch_adapter(store, name, "0" * 64, tmp_path / "cache" / "two")
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["one"]  # no half-written folder
+        with pytest.raises(FileNotFoundError):
+            await adapter_store.fetch_adapter(store, "adapters/none.tar", "", tmp_path / "cache" / "three")
+
+        # A checkpoint folder travels under its own name and lands beside the trainer's other checkpoints.
+        checkpoint = tmp_path / "out" / "checkpoints" / "step-000007"
+        shutil.copytree(source, checkpoint)
+        job = unique("job")
+        await adapter_store.upload_checkpoint(store, job, checkpoint)
+        elsewhere = tmp_path / "other-machine" / "checkpoints"
+        assert await adapter_store.fetch_checkpoint(store, job, elsewhere) == "step-000007"
+        assert (elsewhere / "step-000007" / "adapter_config.json").read_text() == '{"r": 8}'
+        assert [p.name for p in elsewhere.iterdir()] == ["step-000007"]
+        assert await adapter_store.fetch_checkpoint(store, unique("job"), elsewhere) is None
+    finally:
+        await nc.drain()
+
+
+async def test_an_adapter_trained_on_one_machine_is_served_by_name_from_another_and_deleted_everywhere(
+    nats_server: NatsServer, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two "machines": the trainer's data folder, and the worker's; they share only NATS.
+    trainer_roots: Roots = roots_for(tmp_path / "trainer-data")
+    worker_data = tmp_path / "worker-data"
+    name = unique("remote-bot")
+    request = StartTraining(
+        base_model="tiny",
+        output_dir=unique("out"),
+        dataset_path=write_jsonl(trainer_roots, teach_rows()),
+        hyper_params=msgspec.convert(
+            {"batch_size": 4, "learning_rate": 1e-2, "epochs": 40, "max_seq_length": 64, "save_steps": 20},
+            HyperParams,
+        ),
+        lora_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["all-linear"]),
+        adapter_name=name,
+    )
+    async with (
+        job_service(nats_server.url, registry, trainer_roots) as jobs,
+        running_trainer(nats_server.url, registry, trainer_roots),
+    ):
+        job = await jobs.start(request)
+        done = await wait_finished(jobs, job.job_id, timeout=300)
+        assert done.status == "completed", done
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.key_value(subjects.ADAPTERS_BUCKET)
+        record = msgspec.msgpack.decode((await kv.get(subjects.adapter_key("tiny", name))).value or b"")
+        assert record["object"] == subjects.adapter_object("tiny", name, record["digest"]) and record["size"] > 0
+        store = await js.object_store(subjects.ADAPTER_FILES_BUCKET)
+        # The checkpoint uploaded at step 20 was for resuming elsewhere; the job is over, so it is gone.
+        with pytest.raises((ObjectNotFoundError, ObjectDeletedError)):
+            await store.get(subjects.checkpoint_object(job.job_id))
+        # Not even the trainer's disk is left: whatever the worker serves came through the object store.
+        shutil.rmtree(trainer_roots.outputs)
+
+        monkeypatch.setenv("CY_LLM_DATA_DIR", str(worker_data))
+        async with running_worker(nats_server.url, registry, "tiny", worker_id=unique("remote-w"), slots=4) as worker:
+            cache = worker_data / "adapter-cache" / f"{subjects.adapter_key('tiny', name)}-{record['digest'][:16]}"
+            assert (cache / "adapter_model.safetensors").is_file()
+            assert worker.engine.has_adapter(name)
+            taught, base = await answer(worker, name), await answer(worker, "")
+            print(f"\nadapter: {taught!r}\nbase:    {base!r}")
+            assert taught.startswith(ANSWER) and taught != base
+
+            deleted = await adapter_store.delete_adapter(js, "tiny", name)
+            assert deleted is not None and deleted.object == record["object"]
+            await wait_until(lambda: not worker.engine.has_adapter(name), timeout=10)
+            await wait_until(lambda: not cache.exists(), timeout=10)
+            with pytest.raises((ObjectNotFoundError, ObjectDeletedError)):
+                await store.get(record["object"])
+            assert await adapter_store.delete_adapter(js, "tiny", name) is None
+    finally:
+        await nc.drain()
