@@ -217,6 +217,11 @@ async def test_the_status_page_shows_the_worker_queue_and_models(page: Page) -> 
     await expect(workers).to_have_text(re.compile(r"^[1-9]\d* / \d+ healthy$"))
     await expect(page.locator("#queue")).to_have_text(re.compile(r"^\d+ / \d+ pending$"))
     await expect(page.locator("#models-table tr[data-model=tiny] td").nth(1)).to_have_text("ready")
-    # Measured by the page from the chat test's answers (same page, earlier in this module).
-    await expect(page.locator("#throughput")).to_have_text(re.compile(r"chunks/s$"))
+    worker = page.locator("#workers-table tr[data-worker=tiny-w1] td")  # from the gateway's /metrics
+    await expect(worker.nth(1)).to_have_text("tiny")
+    await expect(worker.nth(3)).to_have_text("healthy")
+    await expect(worker.nth(4)).to_have_text(re.compile(r"^\d+ / 8$"))
+    # A rate needs two polls; the detail adds the chat test's answer (same page, earlier in this module).
+    await expect(page.locator("#throughput")).to_have_text(re.compile(r"^\d+\.\d\d req/s$"))
+    await expect(page.locator("#throughput-detail")).to_contain_text("chunks/s")
     await shot(page, "status")

@@ -4,7 +4,7 @@ import { call, getJson, sseEvents } from "./api.js";
 
 const $ = (sel) => document.querySelector(sel);
 
-// The console's own measure of generation speed (the API reports none): the last streamed answer.
+// The console's own measure of generation speed: its last answer that streamed to its end.
 export const lastAnswer = { chunks: 0, seconds: 0, firstChunkSeconds: null, model: "", at: null };
 
 export class Chat {
@@ -125,7 +125,9 @@ export class Chat {
       }
     } finally {
       const seconds = (performance.now() - started) / 1000;
-      Object.assign(lastAnswer, { chunks, seconds, firstChunkSeconds: first, model: modelId, at: new Date() });
+      if (finish === "length" || finish === "stop") {
+        Object.assign(lastAnswer, { chunks, seconds, firstChunkSeconds: first, model: modelId, at: new Date() });
+      }
       out.parentElement.classList.remove("streaming");
       out.parentElement.dataset.finish = finish;
       const rate = chunks && seconds ? `, ${(chunks / seconds).toFixed(1)} chunks/s` : "";

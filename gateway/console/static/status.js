@@ -1,15 +1,42 @@
-// The status page: /api/v1/health/details and /api/v1/models, polled every few seconds while it is shown.
+// The status page: /api/v1/health/details and /api/v1/models, polled every few seconds while it is shown,
+// and the gateway's Prometheus text at /metrics (same origin) for the per-worker slots and the request rate.
 
 import { getJson } from "./api.js";
 import { lastAnswer } from "./chat.js";
 
 const $ = (sel) => document.querySelector(sel);
 const EVERY_MS = 3000;
+const GENERATION_ROUTE = /inference|completions/;
+
+// Prometheus text format -> [{name, labels, value}] (samples only; HELP/TYPE lines skipped).
+export function parseMetrics(text) {
+  const samples = [];
+  for (const line of text.split("\n")) {
+    const match = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+    if (!match) continue;
+    const labels = {};
+    for (const [, key, value] of (match[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
+      labels[key] = value.replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+    }
+    samples.push({ name: match[1], labels, value: Number(match[3]) });
+  }
+  return samples;
+}
+
+async function gatewayMetrics() {
+  try {
+    const response = await fetch("/metrics");
+    return response.ok ? parseMetrics(await response.text()) : null;
+  } catch {
+    return null; // a gateway without /metrics: the page shows the rest
+  }
+}
 
 export class Status {
   constructor(toast) {
     this.toast = toast;
     this.timer = null;
+    this.previous = null; // {at, generations}: the last poll's generation-request count
   }
 
   keyChanged() {}
@@ -28,11 +55,13 @@ export class Status {
   async refresh() {
     let health;
     let models;
+    let metrics;
     try {
       // 503 (DOWN) still carries the details.
-      [health, models] = await Promise.all([
+      [health, models, metrics] = await Promise.all([
         getJson("/health/details", { okStatuses: [503] }),
         getJson("/models"),
+        gatewayMetrics(),
       ]);
     } catch (error) {
       $("#overall").textContent = "unreachable";
@@ -54,16 +83,8 @@ export class Status {
     $("#queue").textContent = `${pending} / ${queue.maxSize} pending`;
     $("#queue-meter").value = queue.pendingTasks && queue.maxSize ? queue.pendingTasks / queue.maxSize : 0;
 
-    // The gateway reports no throughput; this is the console's own measure of its last streamed answer.
-    if (lastAnswer.at && lastAnswer.seconds > 0) {
-      $("#throughput").textContent = `${(lastAnswer.chunks / lastAnswer.seconds).toFixed(1)} chunks/s`;
-      $("#throughput-detail").textContent =
-        `last chat answer (${lastAnswer.model}): ${lastAnswer.chunks} chunks in ${lastAnswer.seconds.toFixed(2)} s, ` +
-        `measured by this console at ${lastAnswer.at.toLocaleTimeString()}`;
-    } else {
-      $("#throughput").textContent = "–";
-      $("#throughput-detail").textContent = "send a chat message to measure it";
-    }
+    this.showThroughput(metrics);
+    if (metrics) this.showWorkers(metrics);
 
     $("#nats").textContent = nats.status === "UP" ? `${nats.details.latencyMs} ms` : nats.status;
     $("#gateway-uptime").textContent = `gateway ${gateway.status}, up ${gateway.details.uptime}`;
@@ -80,5 +101,57 @@ export class Status {
       return row;
     });
     $("#models-table tbody").replaceChildren(...rows);
+  }
+
+  // Generation requests per second through this gateway (from its /metrics counter, between two polls), and
+  // the console's own measure of its last streamed answer.
+  showThroughput(metrics) {
+    let rate = null;
+    if (metrics) {
+      const generations = metrics
+        .filter((m) => m.name === "cy_llm:http_requests_total" && GENERATION_ROUTE.test(m.labels.route || ""))
+        .reduce((sum, m) => sum + m.value, 0);
+      const now = performance.now();
+      if (this.previous) rate = ((generations - this.previous.generations) * 1000) / (now - this.previous.at);
+      this.previous = { at: now, generations };
+    }
+    $("#throughput").textContent = rate === null ? "–" : `${rate.toFixed(2)} req/s`;
+    const lines = [rate === null ? "" : "generation requests through this gateway, last few seconds"];
+    if (lastAnswer.at && lastAnswer.seconds > 0) {
+      lines.push(
+        `last chat answer here (${lastAnswer.model}): ${(lastAnswer.chunks / lastAnswer.seconds).toFixed(1)} ` +
+          `chunks/s, ${lastAnswer.chunks} chunks in ${lastAnswer.seconds.toFixed(2)} s`,
+      );
+    }
+    $("#throughput-detail").textContent = lines.filter(Boolean).join("; ");
+  }
+
+  showWorkers(metrics) {
+    const fields = {
+      "cy_llm:worker_slots_total": "total",
+      "cy_llm:worker_slots_busy": "busy",
+      "cy_llm:worker_healthy": "healthy",
+    };
+    const byWorker = new Map();
+    for (const m of metrics) {
+      const field = fields[m.name];
+      if (!field) continue;
+      const worker = byWorker.get(m.labels.worker) || { ...m.labels };
+      worker[field] = m.value;
+      byWorker.set(m.labels.worker, worker);
+    }
+    const rows = [...byWorker.values()].map((w) => {
+      const row = document.createElement("tr");
+      row.dataset.worker = w.worker;
+      const health = w.healthy ? "healthy" : "unhealthy";
+      for (const text of [w.worker, w.model, w.engine, health, `${w.busy ?? "?"} / ${w.total ?? "?"}`]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.append(cell);
+      }
+      row.children[3].dataset.state = w.healthy ? "UP" : "DOWN";
+      return row;
+    });
+    $("#workers-table tbody").replaceChildren(...rows);
   }
 }
