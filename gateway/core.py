@@ -54,6 +54,7 @@ class GatewayCore:
         await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
         kv = await streams.ensure_workers_bucket(self.js)
         await self.workers.start(self.nc, kv)
+        await self._share_rate_limits()
         self.inference = InferenceClient(
             self.nc,
             self.js,
@@ -71,6 +72,18 @@ class GatewayCore:
         kv = await streams.ensure_workers_bucket(self.js)
         await self.workers.reload(kv)
         await streams.ensure_training_after_reconnect(self.js)
+        await self._share_rate_limits()
+
+    async def _share_rate_limits(self) -> None:
+        """Count requests per minute in the KV bucket every gateway shares (else per process, logged)."""
+        if not (self.settings.rate_limit_shared and self.settings.rate_limit_per_minute):
+            return
+        try:
+            kv = await streams.ensure_ratelimits_bucket(self.js, self.limiter.window_s)
+        except Exception as exc:
+            log.warning("rate_limit_shared_unavailable", error=repr(exc))
+            return
+        self.limiter.attach(kv, lambda: self.nc.is_connected)
 
     async def _sweep_loop(self) -> None:
         while True:

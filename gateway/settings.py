@@ -28,9 +28,12 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     max_dataset_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 50 * 1024 * 1024
     # On SIGTERM: seconds open requests get to finish while new ones are refused with 503.
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
-    # Per client (API key / bearer token / address) and per gateway process; 0 disables a limit.
+    # Per client (API key / bearer token / address); 0 disables a limit. Requests per minute are counted
+    # across every gateway in NATS KV (per process while NATS is unavailable, or with rate_limit_shared
+    # off); concurrent requests per gateway process (gateway/ratelimit.py).
     rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
     rate_limit_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 64
+    rate_limit_shared: bool = True
     # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
     keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     # Roots that training `datasetPath` / `outputDir` must lie in ("" = <data dir>/datasets, /outputs).

@@ -254,9 +254,10 @@ def checkpoint_object(job_id: str) -> str:
 RATELIMITS_BUCKET = f"{_BUCKET_PREFIX}_ratelimits"
 
 
-def ratelimit_key(client: str, window: int) -> str:
-    """Counter of `client`'s requests in fixed window number `window`."""
-    return f"{token(client)}.{window}"
+def ratelimit_key(client: str, limit: int, window: int) -> str:
+    """Counter of `client`'s requests in fixed window number `window`, for gateways whose limit is `limit`
+    (gateways configured differently, e.g. during a rolling change, count apart)."""
+    return f"{token(client)}.{limit}.{window}"
 
 
 def workers_updates() -> str:

@@ -76,7 +76,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
         req = await parse()
         outcome = Outcome()
         try:
-            with core.limiter.hold(client_key()):
+            async with core.limiter.hold(client_key()):
                 await complete(core, req, outcome)
         except CyError as exc:
             log.info("request", route="inference", status=exc.status, code=exc.code.value, **outcome.log_fields())
@@ -115,7 +115,7 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
     outcome = Outcome()
     stack = contextlib.AsyncExitStack()
     try:
-        stack.enter_context(core.limiter.hold(client_key()))
+        await stack.enter_async_context(core.limiter.hold(client_key()))
         stream = await stack.enter_async_context(streaming(core, req))
         first = await stream.next(FIRST_REPLY_GRACE_S)
         if first is not None:

@@ -39,7 +39,7 @@ class Choices:
         self,
         core: GatewayCore,
         requests: list[GenerateRequest],
-        hold: contextlib.AbstractContextManager[None] | None = None,
+        hold: contextlib.AbstractAsyncContextManager[None] | None = None,
     ) -> None:
         self._core = core
         self._hold = hold  # e.g. the client's rate-limit slot: held from start() to close()
@@ -63,7 +63,7 @@ class Choices:
         """Enqueue every request. Raises CyError (rate limited, no worker, queue full, draining gateway)."""
         try:
             if self._hold is not None:
-                self._stack.enter_context(self._hold)
+                await self._stack.enter_async_context(self._hold)
             for i, request in enumerate(self.requests):
                 stream = await self._stack.enter_async_context(streaming(self._core, request))
                 self._tasks.append(asyncio.create_task(self._pump(i, stream), name=f"pump-{request.trace_id}"))

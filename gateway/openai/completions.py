@@ -151,7 +151,7 @@ def bind_plan(plan: Plan, route: str) -> None:
     )
 
 
-def _rate_limit(core: GatewayCore) -> contextlib.AbstractContextManager[None]:
+def _rate_limit(core: GatewayCore) -> contextlib.AbstractAsyncContextManager[None]:
     """The client's slot (per bearer token, else per address), held for the whole request (n choices = one)."""
     return core.limiter.hold(RateLimiter.client_key(bearer_token(), request.remote_addr or ""))
 
