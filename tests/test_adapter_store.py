@@ -8,16 +8,16 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from nats.js.errors import ObjectDeletedError, ObjectNotFoundError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, ObjectDeletedError, ObjectNotFoundError
 
-from schemas import subjects
+from schemas import codec, subjects
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
-from schemas.training import HyperParams, LoraConfig, StartTraining
+from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining
 from services import adapter_store, streams
 from services.engine.registry import Registry
 from services.engine.worker import Worker
 from services.trainer.paths import Roots
-from tests.helpers import NatsServer, running_worker, wait_until
+from tests.helpers import NatsServer, running_gateway, running_worker, wait_until
 from tests.trainer.helpers import (
     ANSWER,
     QUESTION,
@@ -135,5 +135,36 @@ async def test_an_adapter_trained_on_one_machine_is_served_by_name_from_another_
             with pytest.raises((ObjectNotFoundError, ObjectDeletedError)):
                 await store.get(record["object"])
             assert await adapter_store.delete_adapter(js, "tiny", name) is None
+    finally:
+        await nc.drain()
+
+
+async def test_delete_route_removes_the_record_and_the_files_and_404s_after(
+    nats_server: NatsServer, registry: Registry, tmp_path: Path
+) -> None:
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    name = unique("doomed")
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        store = await streams.ensure_adapter_files(js)
+        kv = await streams.ensure_adapters_bucket(js)
+        obj, digest, size = await adapter_store.upload_adapter(store, "tiny", name, folder)
+        record = AdapterRecord(
+            model_id="tiny", name=name, path="/elsewhere", job_id="job-1", object=obj, digest=digest, size=size
+        )
+        await kv.put(subjects.adapter_key("tiny", name), codec.encode(record))
+        async with running_gateway(nats_server.url, registry) as gw, gw.client() as client:
+            r = await client.delete(f"/api/v1/adapters/{name}")
+            assert r.status_code == 200, r.text
+            assert r.json() == {"name": name, "deleted": [{"modelId": "tiny", "jobId": "job-1", "object": obj}]}
+            with pytest.raises((KeyNotFoundError, KeyDeletedError)):
+                await kv.get(subjects.adapter_key("tiny", name))
+            with pytest.raises((ObjectNotFoundError, ObjectDeletedError)):
+                await store.get(obj)
+            again = await client.delete(f"/api/v1/adapters/{name}")
+            assert again.status_code == 404 and again.json()["error"]["code"] == "MODEL_NOT_FOUND"
     finally:
         await nc.drain()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.api_v1 import protocol as p
+from gateway.api_v1.adapters import AdapterDeleted
 from gateway.api_v1.training import StartBody
 from gateway.openapi import (
     document,
@@ -107,6 +108,22 @@ def _paths() -> dict[str, Any]:
                     **errors(p.ErrorEnvelope, {404: "No such model (`MODEL_NOT_FOUND`)."}, common=_AUTH),
                 },
                 parameters=[path_param("modelId", 'A registry model id or `"default"` (may contain `/`).')],
+            )
+        },
+        f"{PREFIX}/adapters/{{name}}": {
+            "delete": _op(
+                "Delete a trained LoRA adapter",
+                "models",
+                "deleteAdapter",
+                {
+                    "200": json_content(AdapterDeleted, "The records deleted (every worker unloads the adapter)."),
+                    **errors(
+                        p.ErrorEnvelope,
+                        {404: "No trained adapter of that name (`MODEL_NOT_FOUND`); registry adapters included."},
+                        common=_AUTH,
+                    ),
+                },
+                parameters=[path_param("name", "The adapter's name (`adapterName` of its training job).")],
             )
         },
         f"{PREFIX}/health": {
@@ -275,6 +292,7 @@ def build_document() -> dict[str, Any]:
             p.InferenceChunk,
             p.ModelList,
             p.ModelDetail,
+            AdapterDeleted,
             p.Health,
             p.HealthDetails,
             p.TrainingStarted,
