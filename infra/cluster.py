@@ -113,9 +113,13 @@ def main() -> int:
         ("worker", nodes[2], {"CY_LLM_WORKER_ID": "cluster-w2"}),
         ("gateway", nodes[0], {"CY_LLM_PORT": "8081", "CY_LLM_LITE_PORT": "8001"}),
         ("gateway", nodes[2], {"CY_LLM_PORT": "8082", "CY_LLM_LITE_PORT": "8002"}),
+        # Its own outputs folder, which no worker reads: trained adapters reach the workers (each caching them
+        # under its data dir) through the object store only, so a job started on :8081 is served on :8082.
+        ("trainer", nodes[1], {"CY_LLM_TRAINER_ID": "cluster-t1", "CY_LLM_OUTPUTS_DIR": str(root / "trainer-outputs")}),
     ]
+    modules = {"worker": "services.engine", "gateway": "gateway", "trainer": "services.trainer"}
     for kind, home, extra in layout:
-        module = "services.engine" if kind == "worker" else "gateway"
+        module = modules[kind]
         penv = dict(env, CY_LLM_NATS_URL=servers_for(home, nodes), **extra)
         procs.append(subprocess.Popen([sys.executable, "-m", module], env=penv))
         print(f"[cluster] {kind} {extra} -> {home.name}", flush=True)
