@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, ObjectDeletedError
 
 from schemas import codec, subjects
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
-from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining
+from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining, event_decoder
 from services import adapter_store, streams
 from services.engine.registry import Registry
 from services.engine.worker import Worker
 from services.trainer.paths import Roots
+from services.trainer.worker import Trainer
 from tests.helpers import NatsServer, running_gateway, running_worker, wait_until
 from tests.trainer.helpers import (
     ANSWER,
@@ -25,8 +27,11 @@ from tests.trainer.helpers import (
     roots_for,
     running_trainer,
     teach_rows,
+    trainer_settings,
     unique,
+    varied_rows,
     wait_finished,
+    wait_job,
     write_jsonl,
 )
 
@@ -168,3 +173,48 @@ async def test_delete_route_removes_the_record_and_the_files_and_404s_after(
             assert again.status_code == 404 and again.json()["error"]["code"] == "MODEL_NOT_FOUND"
     finally:
         await nc.drain()
+
+
+async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploaded_checkpoint(
+    nats_server: NatsServer, registry: Registry, tmp_path: Path
+) -> None:
+    first, second = roots_for(tmp_path / "first"), roots_for(tmp_path / "second")
+    dataset = write_jsonl(first, varied_rows(16))
+    shutil.copy(first.datasets / dataset, second.datasets / dataset)
+    request = StartTraining(
+        base_model="tiny",
+        output_dir=unique("out"),
+        dataset_path=dataset,
+        hyper_params=msgspec.convert(
+            {"batch_size": 4, "learning_rate": 1e-2, "epochs": 10, "max_seq_length": 64, "save_steps": 5}, HyperParams
+        ),
+        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    async with job_service(nats_server.url, registry, first) as jobs:
+        trainer = Trainer(trainer_settings(nats_server.url, first), registry=registry)
+        await trainer.start()  # not `running_trainer`: that one cancels the jobs it leaves unfinished
+        try:
+            job = await jobs.start(request)
+            await wait_job(jobs, job.job_id, lambda j: j.checkpoint_step >= 5)
+            await jobs.pause(job.job_id)
+            paused = await wait_job(jobs, job.job_id, lambda j: j.status == "paused")
+        finally:
+            await trainer.stop()
+        shutil.rmtree(first.outputs)  # the first machine is gone
+        async with running_trainer(nats_server.url, registry, second):
+            await jobs.resume(job.job_id)
+            done = await wait_finished(jobs, job.job_id, timeout=300)
+    assert done.status == "completed" and done.progress.step == done.progress.total_steps == 40, done
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job.job_id), ordered_consumer=True)
+        kinds: list[tuple[str, int]] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
+                kinds.append((event.kind, event.progress.step if event.progress else -1))
+    finally:
+        await nc.drain()
+    # The second trainer continued from the checkpoint the first one saved when pausing, not from step 0.
+    assert ("resumed", paused.checkpoint_step) in kinds and paused.checkpoint_step > 0, kinds
+    assert (second.outputs / request.output_dir / "adapter" / "adapter_model.safetensors").is_file()
