@@ -44,7 +44,7 @@ from infra.bench.nats_load import connect, connect_publisher, nats_request, work
 from infra.bench.peer import PeerServer, missing_requirements, peer_request
 from infra.bench.profile import Profiler
 from infra.bench.report import DEFAULT_ENGINE, TRANSFORMERS_TARGET
-from infra.bench.stack import PUBLISHER, QUEUE_TIMEOUT_S, QUIET_ENV, Stack, StackError
+from infra.bench.stack import PUBLISHER, QUEUE_TIMEOUT_S, QUIET_ENV, RATE_LIMIT_ENV, Stack, StackError
 from infra.bench.workloads import FULL, PROMPTS, QUICK, OneRequest, TokenCounter, Workload, run_level
 from services.runtime import REPO_ROOT
 
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "engine_env": bench.env,
         "gateway_queue_timeout_s": float(QUEUE_TIMEOUT_S),
+        "gateway_rate_limits": RATE_LIMIT_ENV,
         "workload": dataclasses.asdict(workload),
         "prompts": list(PROMPTS),
         "facts": facts,

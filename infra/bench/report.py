@@ -143,6 +143,11 @@ def table(results: dict[str, Any]) -> str:
             f"; gateway queue timeout {results['gateway_queue_timeout_s']:g} s"
             if results.get("gateway_queue_timeout_s")
             else ""
+        )
+        + (
+            "; gateway rate limits " + " ".join(f"{k}={v}" for k, v in results["gateway_rate_limits"].items())
+            if results.get("gateway_rate_limits")
+            else ""
         ),
         f"machine: {facts['cpu_model']}, {facts['cores']} cores, torch {facts['torch']}, "
         f"transformers {facts['transformers']}, openvino-genai {facts.get('openvino_genai')}, "

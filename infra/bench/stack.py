@@ -30,6 +30,13 @@ QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 # the slot count queue on purpose and must show up as TTFT: with 30 s, a slow or disturbed worker turned
 # the tail of a 32-stream level into 503s, and its tokens/s then counted only the requests that got in.
 QUEUE_TIMEOUT_S = os.environ.get("CY_LLM_QUEUE_TIMEOUT") or "600"
+# The bench sends every request with one API key, 32+ at once: the gateway's per-key limits are for tenants,
+# not for this load (and the shared per-minute count answered a burst of 32 with some 429s, "too many
+# concurrent admissions"). Off (0) unless the environment sets them.
+RATE_LIMIT_ENV = {
+    "CY_LLM_RATE_LIMIT_PER_MINUTE": os.environ.get("CY_LLM_RATE_LIMIT_PER_MINUTE") or "0",
+    "CY_LLM_RATE_LIMIT_CONCURRENT": os.environ.get("CY_LLM_RATE_LIMIT_CONCURRENT") or "0",
+}
 PUBLISHER = "bench"  # the direct NATS publisher's user name; its trace ids are "bench.<hex>"
 
 
@@ -119,6 +126,7 @@ class Stack:
                 CY_LLM_LITE_PORT=str(self.lite_port),
                 CY_LLM_HOST="127.0.0.1",
                 CY_LLM_QUEUE_TIMEOUT=QUEUE_TIMEOUT_S,
+                **RATE_LIMIT_ENV,
             ),
         )
         deadline = started + timeout
