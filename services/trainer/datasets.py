@@ -78,6 +78,8 @@ def _json_rows(data: bytes) -> list[tuple[int, Any]]:
         value = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise DatasetError(f"not valid JSON ({exc})") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"not valid JSON ({_unreadable(exc)})") from None
     if not isinstance(value, list):
         raise DatasetError(f"a .json dataset must be an array of rows, not {_kind(value)}")
     return list(enumerate(value, start=1))
@@ -92,7 +94,16 @@ def _jsonl_rows(data: bytes) -> list[tuple[int, Any]]:
             rows.append((number, msgspec.json.decode(line)))
         except msgspec.DecodeError as exc:
             raise DatasetError(f"not valid JSON ({exc})", row=number) from exc
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise DatasetError(f"not valid JSON ({_unreadable(exc)})", row=number) from None
     return rows
+
+
+def _unreadable(exc: UnicodeDecodeError | RecursionError) -> str:
+    """The two failures msgspec does not raise as DecodeError (the row itself is never quoted)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8: {exc.reason}"
+    return "arrays or objects are nested too deeply"
 
 
 def _kind(value: Any) -> str:

@@ -113,6 +113,14 @@ async def test_a_bad_row_is_a_400_naming_the_row_and_field_and_nothing_is_stored
     assert (await client.get("/api/v1/datasets")).json()["total"] == before
 
 
+async def test_bytes_that_are_not_utf8_or_nest_too_deep_are_a_400_not_a_500(client: httpx.AsyncClient) -> None:
+    # msgspec raises these two as UnicodeDecodeError / RecursionError, not DecodeError (found by the fuzz test).
+    for data, name in [(b'{"instruction": "\xff", "output": "b"}\n', "x.jsonl"), (b"[" * 50_000, "x.json")]:
+        r = await upload(client, data, name)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "INVALID_REQUEST" and "not valid JSON" in r.json()["error"]["message"]
+
+
 async def test_uploads_get_their_own_body_limit_and_past_it_a_413(client: httpx.AsyncClient) -> None:
     row = {"instruction": "Repeat: " + "x" * 200, "output": "x" * 200}
     big = jsonl([row] * ((BODY_LIMIT * 4) // 450))  # past the other routes' limit, under the datasets one
