@@ -68,6 +68,22 @@ def json_body(type_: type, description: str = "") -> Schema:
     return body
 
 
+def multipart_body(properties: Schema, required: list[str], description: str) -> Schema:
+    """A `multipart/form-data` body; a file part is `binary()`."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"required": True, "description": description, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+def binary(description: str) -> Schema:
+    """A file part of a multipart body (its bytes, as sent)."""
+    return {
+        "type": "string",
+        "format": "binary",
+        "contentMediaType": "application/octet-stream",
+        "description": description,
+    }
+
+
 def path_param(name: str, description: str) -> Schema:
     return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
 

@@ -9,12 +9,14 @@ from gateway.api_v1 import protocol as p
 from gateway.api_v1.adapters import AdapterDeleted
 from gateway.api_v1.training import StartBody
 from gateway.openapi import (
+    binary,
     document,
     errors,
     json_body,
     json_content,
     path_param,
     query_param,
+    ref,
     sse_content,
 )
 from schemas.training import JOB_STATUSES
@@ -37,6 +39,10 @@ _BODY = {
 }
 _JOB = path_param("jobId", "The training job's id (from /training/start or /training/list).")
 _NO_JOB = {404: "No job with that id (`TRAINING_JOB_NOT_FOUND`), or a `jobId` that names no route (`/` in it)."}
+
+_DATASET = path_param("datasetId", "The dataset's id (`ds-...`, from POST /datasets).")
+_NO_DATASET = {404: "No dataset with that id (`DATASET_NOT_FOUND`), or a `datasetId` that names no route (`/` in it)."}
+_ROW = {"anyOf": [ref(p.AlpacaRow), ref(p.ChatRow)]}
 
 _INFERENCE_ERRORS = {
     **_BODY,
@@ -161,9 +167,11 @@ def _paths() -> dict[str, Any]:
                         p.ErrorEnvelope,
                         {
                             **_BODY,
-                            400: _BODY[400] + " Also a dataset or output path outside its root, or an adapter "
+                            400: _BODY[400] + " Also both or neither of `datasetPath` and `datasetId`, a dataset "
+                            "or output path outside its root, a bad row in the `datasetPath` file, or an adapter "
                             "name already taken (`INVALID_REQUEST`, `TRAINING_JOB_RUNNING`).",
-                            404: "`baseModel` not in the registry (`MODEL_NOT_FOUND`).",
+                            404: "`baseModel` not in the registry (`MODEL_NOT_FOUND`), or no uploaded dataset "
+                            "`datasetId` (`DATASET_NOT_FOUND`).",
                             503: "The training queue is full (`INSUFFICIENT_RESOURCES`).",
                         },
                         common=_AUTH,
@@ -171,6 +179,84 @@ def _paths() -> dict[str, Any]:
                 },
                 requestBody=json_body(StartBody),
             )
+        },
+        f"{PREFIX}/datasets": {
+            "post": _op(
+                "Upload a training dataset",
+                "datasets",
+                "uploadDataset",
+                {
+                    "201": json_content(p.Dataset, "Validated (every row) and stored."),
+                    **errors(
+                        p.ErrorEnvelope,
+                        {
+                            400: "A row that is not an Alpaca or chat row, not valid JSON, no rows at all "
+                            "(`details[0].field` names the row and field: `file[row 3].output`), a multipart body "
+                            "without a `file` part, or another Content-Type (`INVALID_REQUEST`).",
+                            413: "Body over `CY_LLM_MAX_DATASET_BYTES` (`INVALID_REQUEST`).",
+                        },
+                        common=_AUTH,
+                    ),
+                },
+                requestBody={
+                    "required": True,
+                    "description": "The file as a multipart `file` part (its file name is the dataset's name), or "
+                    "the file itself as the body (`?name=`; also `application/x-ndjson`, `application/x-jsonlines`, "
+                    "`text/plain`). JSONL has one row per line; JSON is an array of rows. The format comes from "
+                    "the name's extension (`.jsonl`, `.json`), else from the content (`[` first: JSON).",
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["file"],
+                                "properties": {"file": binary("The dataset file (`.jsonl` or `.json`).")},
+                            }
+                        },
+                        "application/jsonl": {
+                            "schema": {"type": "string", "description": "One row (AlpacaRow or ChatRow) per line."}
+                        },
+                        "application/json": {"schema": {"type": "array", "items": _ROW}},
+                    },
+                },
+                parameters=[
+                    query_param(
+                        "name",
+                        "The dataset's name for a raw body (a label; any folder part is dropped).",
+                        {"type": "string"},
+                    )
+                ],
+            ),
+            "get": _op(
+                "List the uploaded datasets, newest first",
+                "datasets",
+                "listDatasets",
+                {
+                    "200": json_content(p.DatasetList, "Every dataset."),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            ),
+        },
+        f"{PREFIX}/datasets/{{datasetId}}": {
+            "get": _op(
+                "Describe an uploaded dataset",
+                "datasets",
+                "getDataset",
+                {
+                    "200": json_content(p.Dataset, "The dataset."),
+                    **errors(p.ErrorEnvelope, _NO_DATASET, common=_AUTH),
+                },
+                parameters=[_DATASET],
+            ),
+            "delete": _op(
+                "Delete an uploaded dataset",
+                "datasets",
+                "deleteDataset",
+                {
+                    "200": json_content(p.DatasetDeleted, "Deleted (jobs that have not fetched it yet will fail)."),
+                    **errors(p.ErrorEnvelope, _NO_DATASET, common=_AUTH),
+                },
+                parameters=[_DATASET],
+            ),
         },
         f"{PREFIX}/training/status/{{jobId}}": {
             "get": _op(
@@ -281,7 +367,7 @@ def build_document() -> dict[str, Any]:
     paths = _paths()
     return document(
         title="CY-LLM REST API",
-        description="Inference, models, health and LoRA training under /api/v1. Every error body is "
+        description="Inference, models, health, training datasets and LoRA training under /api/v1. Every error body is "
         "`ErrorEnvelope`; every route but this document and its docs page needs `X-API-Key`.",
         paths=paths,
         types=[
@@ -300,6 +386,11 @@ def build_document() -> dict[str, Any]:
             p.TrainingJobList,
             p.JobChange,
             p.TrainingEventView,
+            p.Dataset,
+            p.DatasetList,
+            p.DatasetDeleted,
+            p.AlpacaRow,
+            p.ChatRow,
         ],
         security_schemes={
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key header"}

@@ -246,6 +246,7 @@ class TrainingStatus(msgspec.Struct, kw_only=True, rename="camel"):
     model_id: str
     adapter_name: str
     dataset_path: str
+    dataset_id: str | None
     output_dir: str
     message: str
     checkpoint_step: int
@@ -290,3 +291,51 @@ class TrainingEventView(msgspec.Struct, kw_only=True, rename="camel"):
     elapsed_time_seconds: float | msgspec.UnsetType = msgspec.UNSET
     message: str | msgspec.UnsetType = msgspec.UNSET
     trainer_id: str | msgspec.UnsetType = msgspec.UNSET
+
+
+# --- /datasets ------------------------------------------------------------------------------------------
+# Dataset rows as services/trainer/datasets.py validates them (documentation of the upload body only).
+
+
+class AlpacaRow(msgspec.Struct, kw_only=True):
+    """An Alpaca row: `instruction` (+ optional `input`) is the prompt, `output` the answer to learn."""
+
+    instruction: Annotated[str, msgspec.Meta(min_length=1)]
+    output: Annotated[str, msgspec.Meta(min_length=1)]
+    input: str | msgspec.UnsetType = msgspec.UNSET
+    system: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class ChatRowMessage(msgspec.Struct, kw_only=True):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRow(msgspec.Struct, kw_only=True):
+    """A chat row: at least one `assistant` message (with non-empty content) to learn from."""
+
+    messages: Annotated[list[ChatRowMessage], msgspec.Meta(min_length=1)]
+
+
+class Dataset(msgspec.Struct, kw_only=True, rename="camel"):
+    """An uploaded dataset (`digest` is the object store's `SHA-256=<base64url>`)."""
+
+    id: str
+    object: Literal["dataset"]
+    name: str
+    format: Literal["jsonl", "json"]
+    rows: int
+    bytes: int
+    digest: str
+    created_at: str | None
+
+
+class DatasetList(msgspec.Struct, kw_only=True):
+    datasets: list[Dataset]
+    total: int
+
+
+class DatasetDeleted(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["dataset"]
+    deleted: bool

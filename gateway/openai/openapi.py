@@ -6,7 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.openai import protocol as p
-from gateway.openapi import document, errors, json_body, json_content, path_param, sse_content
+from gateway.openai.files import PURPOSE
+from gateway.openai.fine_tuning import CreateJob
+from gateway.openapi import (
+    binary,
+    document,
+    errors,
+    json_body,
+    json_content,
+    multipart_body,
+    path_param,
+    query_param,
+    sse_content,
+)
 
 JSON_PATHS = ("/openapi.json", "/v1/openapi.json")
 DOCS_PATH = "/docs"
@@ -30,6 +42,22 @@ _GENERATE_ERRORS = {
     503: "Model still loading, no live worker, queue full, or the gateway is shutting down (`type` `server_error`).",
 }
 
+_FILE = path_param("file_id", "The file's id (`ds-...`; the same id as /api/v1/datasets).")
+_NO_FILE = {404: "No file with that id (`code` `not_found`), or a `file_id` that names no route (`/` in it)."}
+_JOB = path_param("fine_tuning_job_id", "The job's id (the same id as /api/v1/training).")
+_NO_JOB = {404: "No job with that id (`code` `not_found`), or an id that names no route (`/` in it)."}
+_FINISHED = {400: "The job already finished (`code` `job_finished`)."}
+
+
+def _limit(high: int, default: int) -> Any:
+    return query_param("limit", f"Page size (default {default}).", {"type": "integer", "minimum": 1, "maximum": high})
+
+
+def _after(what: str) -> Any:
+    return query_param(
+        "after", f"The last {what} of the previous page (an unknown id: an empty page).", {"type": "string"}
+    )
+
 
 def _op(summary: str, tag: str, op_id: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"summary": summary, "tags": [tag], "operationId": op_id, "responses": responses, **extra}
@@ -49,6 +77,21 @@ def _generate(op_id: str, summary: str, body: type, ok: type, chunk: type) -> di
             },
             requestBody=json_body(body),
             description=stream["description"],
+        )
+    }
+
+
+def _job_verb(verb: str, summary: str, extra: dict[int, str]) -> dict[str, Any]:
+    return {
+        "post": _op(
+            summary,
+            "fine-tuning",
+            f"{verb}FineTuningJob",
+            {
+                "200": json_content(p.FineTuningJob, "The job after the change."),
+                **errors(p.OpenAIError, {**_NO_JOB, **extra}, common=_AUTH),
+            },
+            parameters=[_JOB],
         )
     }
 
@@ -91,6 +134,161 @@ def _paths() -> dict[str, Any]:
                 parameters=[path_param("model", 'A model id, `"default"`, or an adapter name (may contain `/`).')],
             )
         },
+        "/v1/files": {
+            "post": _op(
+                "Upload a fine-tuning file",
+                "files",
+                "createFile",
+                {
+                    "200": json_content(p.FileObject, "Validated (every row) and stored."),
+                    **errors(
+                        p.OpenAIError,
+                        {
+                            400: "`purpose` missing or not `fine-tune`, no `file` part, another Content-Type, or a "
+                            "row that is not a chat or Alpaca row, not valid JSON, or no rows at all (`param` "
+                            "names the row and field: `file[row 3].messages`).",
+                            413: "Body over `CY_LLM_MAX_DATASET_BYTES` (`code` `request_too_large`).",
+                        },
+                        common=_AUTH,
+                    ),
+                },
+                requestBody=multipart_body(
+                    {
+                        "file": binary(
+                            "JSONL (one row per line) or JSON (an array of rows): chat `messages` rows or Alpaca "
+                            "rows. The format comes from the file name's extension, else from the content."
+                        ),
+                        "purpose": {"type": "string", "enum": [PURPOSE]},
+                    },
+                    ["file", "purpose"],
+                    "OpenAI's upload form.",
+                ),
+            ),
+            "get": _op(
+                "List files, newest first",
+                "files",
+                "listFiles",
+                {
+                    "200": json_content(p.FileList, "One page of files."),
+                    **errors(p.OpenAIError, {400: "Bad `limit` (`param` `limit`)."}, common=_AUTH),
+                },
+                parameters=[
+                    query_param(
+                        "purpose", "Only files of this purpose (any other than `fine-tune`: none).", {"type": "string"}
+                    ),
+                    query_param("order", "`asc`: oldest first; anything else newest first.", {"type": "string"}),
+                    _after("file id"),
+                    _limit(10_000, 10_000),
+                ],
+            ),
+        },
+        "/v1/files/{file_id}": {
+            "get": _op(
+                "Retrieve a file",
+                "files",
+                "retrieveFile",
+                {
+                    "200": json_content(p.FileObject, "The file."),
+                    **errors(p.OpenAIError, _NO_FILE, common=_AUTH),
+                },
+                parameters=[_FILE],
+            ),
+            "delete": _op(
+                "Delete a file",
+                "files",
+                "deleteFile",
+                {
+                    "200": json_content(p.FileDeleted, "Deleted (jobs that have not fetched it yet will fail)."),
+                    **errors(p.OpenAIError, _NO_FILE, common=_AUTH),
+                },
+                parameters=[_FILE],
+            ),
+        },
+        "/v1/files/{file_id}/content": {
+            "get": _op(
+                "Retrieve a file's content",
+                "files",
+                "downloadFile",
+                {
+                    "200": {
+                        "description": "The bytes as uploaded (checked against their digest): "
+                        "`application/jsonl` or `application/json` by the file's format.",
+                        "content": {
+                            "application/jsonl": {"schema": {"type": "string"}},
+                            "application/json": {},
+                        },
+                    },
+                    **errors(p.OpenAIError, _NO_FILE, common=_AUTH),
+                },
+                parameters=[_FILE],
+            )
+        },
+        "/v1/fine_tuning/jobs": {
+            "post": _op(
+                "Create a fine-tuning job (a LoRA adapter)",
+                "fine-tuning",
+                "createFineTuningJob",
+                {
+                    "200": json_content(p.FineTuningJob, "The job, queued."),
+                    **errors(
+                        p.OpenAIError,
+                        {
+                            400: "Malformed JSON, an unknown parameter, a wrong type or value, an empty body, an "
+                            "unknown `training_file` (`code` `invalid_training_file`), or an adapter name taken "
+                            "(`param` names the parameter).",
+                            404: "`model` not in the registry (`code` `model_not_found`).",
+                            413: "Body over `CY_LLM_MAX_BODY_BYTES` (`code` `request_too_large`).",
+                            503: "The training queue is full (`type` `server_error`).",
+                        },
+                        common=_AUTH,
+                    ),
+                },
+                requestBody=json_body(CreateJob),
+            ),
+            "get": _op(
+                "List fine-tuning jobs, newest first",
+                "fine-tuning",
+                "listFineTuningJobs",
+                {
+                    "200": json_content(p.FineTuningJobList, "One page of jobs."),
+                    **errors(p.OpenAIError, {400: "Bad `limit` (`param` `limit`)."}, common=_AUTH),
+                },
+                parameters=[_after("job id"), _limit(1000, 20)],
+            ),
+        },
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}": {
+            "get": _op(
+                "Retrieve a fine-tuning job",
+                "fine-tuning",
+                "retrieveFineTuningJob",
+                {
+                    "200": json_content(p.FineTuningJob, "The job."),
+                    **errors(p.OpenAIError, _NO_JOB, common=_AUTH),
+                },
+                parameters=[_JOB],
+            )
+        },
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel": _job_verb("cancel", "Cancel a fine-tuning job", _FINISHED),
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause": _job_verb(
+            "pause", "Pause a fine-tuning job (at its next step; a queued job at once)", _FINISHED
+        ),
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume": _job_verb(
+            "resume",
+            "Resume a paused fine-tuning job",
+            {400: "The job is not paused (`code` `job_finished` when it finished), or is still running."},
+        ),
+        "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events": {
+            "get": _op(
+                "A fine-tuning job's events, newest first",
+                "fine-tuning",
+                "listFineTuningEvents",
+                {
+                    "200": json_content(p.FineTuningEventList, "One page of the stored events."),
+                    **errors(p.OpenAIError, {**_NO_JOB, 400: "Bad `limit` (`param` `limit`)."}, common=_AUTH),
+                },
+                parameters=[_JOB, _after("event id"), _limit(10_000, 20)],
+            )
+        },
         "/health": {
             "get": _op(
                 "Liveness",
@@ -127,8 +325,9 @@ def _paths() -> dict[str, Any]:
 def build_document() -> dict[str, Any]:
     return document(
         title="CY-LLM OpenAI-compatible API",
-        description="OpenAI's chat completions, completions and models under /v1, plus /health and /ready. Every "
-        "error body is `OpenAIError`. /v1 needs `Authorization: Bearer` only when GATEWAY_API_TOKEN is set.",
+        description="OpenAI's chat completions, completions, models, files and fine-tuning jobs under /v1, plus "
+        "/health and /ready. Every error body is `OpenAIError`. /v1 needs `Authorization: Bearer` only when "
+        "GATEWAY_API_TOKEN is set.",
         paths=_paths(),
         types=[
             p.ChatCompletionRequest,
@@ -141,6 +340,13 @@ def build_document() -> dict[str, Any]:
             p.ModelCard,
             p.Liveness,
             p.Readiness,
+            CreateJob,
+            p.FileObject,
+            p.FileList,
+            p.FileDeleted,
+            p.FineTuningJob,
+            p.FineTuningJobList,
+            p.FineTuningEventList,
         ],
         security_schemes={
             "Bearer": {

@@ -235,3 +235,116 @@ class Readiness(msgspec.Struct, kw_only=True):
     status: Literal["ready", "not_ready"]
     model: str
     model_status: str
+
+
+# --- /v1/files ------------------------------------------------------------------------------------------
+
+
+class FileObject(msgspec.Struct, kw_only=True):
+    """OpenAI's file object (only `fine-tune` files; validated on upload, so always `processed`)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["fine-tune"]
+    status: Literal["processed"]
+    status_details: None
+    expires_at: None
+
+
+class FileList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+# --- /v1/fine_tuning/jobs -------------------------------------------------------------------------------
+
+
+class FineTuningHyperparameters(msgspec.Struct, kw_only=True):
+    """The values the job trains with ("auto" resolved)."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningSupervised(msgspec.Struct, kw_only=True):
+    hyperparameters: FineTuningHyperparameters
+
+
+class FineTuningMethod(msgspec.Struct, kw_only=True):
+    type: Literal["supervised"]
+    supervised: FineTuningSupervised
+
+
+class FineTuningJobError(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    param: None
+
+
+class FineTuningJob(msgspec.Struct, kw_only=True):
+    """OpenAI's fine-tuning job object; `status` also `paused` (OpenAI's pause/resume). `fine_tuned_model`
+    (the adapter's name, usable as `model`) is set once the job has succeeded."""
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    error: FineTuningJobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: FineTuningHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
+    trained_tokens: None
+    training_file: str
+    validation_file: None
+    estimated_finish: int | None
+    integrations: list[dict[str, Any]]
+    metadata: None
+    method: FineTuningMethod
+
+
+class FineTuningJobList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningMetrics(msgspec.Struct, kw_only=True):
+    step: int
+    total_steps: int
+    train_loss: float | None
+    learning_rate: float | None
+
+
+class FineTuningEvent(msgspec.Struct, kw_only=True):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: Literal["info", "error"]
+    message: str
+    data: FineTuningMetrics | None
+    type: Literal["message", "metrics"]
+
+
+class FineTuningEventList(msgspec.Struct, kw_only=True):
+    """Newest first."""
+
+    object: Literal["list"]
+    data: list[FineTuningEvent]
+    has_more: bool

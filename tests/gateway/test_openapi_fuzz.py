@@ -7,13 +7,15 @@ no 5xx (503 is allowed only where documented: the probes when nothing serves the
 error shape. Generation is derandomized (same cases every run) and never shrinks, so the run is bounded.
 
 Costs are capped where the schema allows expensive work: token budgets (`maxNewTokens`, `max_tokens`) are
-clamped to a few tokens, and /training/start always names a model that does not exist, so a generated body
-is decoded and checked in full but never queues a real job.
+clamped to a few tokens, uploads (datasets, files) to a few KiB, /training/start always names a model that
+does not exist and /v1/fine_tuning/jobs a training file that does not exist, so a generated body is decoded
+and checked in full but never queues a real job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections import Counter
@@ -42,6 +44,8 @@ EXAMPLES = int(os.environ.get("CY_LLM_FUZZ_EXAMPLES", "25"))
 DERANDOMIZE = os.environ.get("CY_LLM_FUZZ_RANDOM", "") != "1"
 MAX_TOKENS = 4
 NO_SUCH_MODEL = "fuzz-no-such-model"
+NO_SUCH_FILE = "ds-" + "0" * 24  # a well-formed dataset id that was never uploaded
+MAX_UPLOAD = 4096
 SERVED = "tiny"  # the session's tiny-model worker
 # Their 503 is a documented answer (nothing serves the default model here), not a failure.
 PROBES = {"/ready", "/api/v1/health", "/api/v1/health/details"}
@@ -63,14 +67,43 @@ def _clamp_tokens(value: Any) -> None:
                 _clamp_tokens(item)
 
 
+@schemathesis.serializer("application/jsonl")
+def _jsonl(ctx: Any, value: Any) -> bytes:
+    """The REST dataset upload's raw JSONL body (a string in the schema; anything else in a negative case)."""
+    if isinstance(value, bytes):
+        return value
+    return value.encode() if isinstance(value, str) else json.dumps(value).encode()
+
+
+def _clamp_upload(case: Any) -> None:
+    """Keep generated upload bodies (a raw body, or a multipart body's parts) under MAX_UPLOAD bytes."""
+    if isinstance(case.body, (str, bytes)):
+        case.body = case.body[:MAX_UPLOAD]
+    elif isinstance(case.body, list) and len(json.dumps(case.body)) > MAX_UPLOAD:
+        case.body = case.body[:2]
+    elif isinstance(case.body, dict):
+        for key, part in case.body.items():
+            if isinstance(part, (str, bytes)):
+                case.body[key] = part[:MAX_UPLOAD]
+
+
 def _tame(case: Any, serve: bool) -> None:
     """Cap the case's cost; with `serve`, point a generation at the served model so that it gets past the
     model lookup (a random model name is only ever a 404)."""
     _clamp_tokens(case.body)
+    if case.operation.method == "post" and case.operation.path in ("/api/v1/datasets", "/v1/files"):
+        _clamp_upload(case)
+        return
     if not isinstance(case.body, dict):
         return
     if case.operation.path.endswith("/training/start"):
         case.body["baseModel"] = NO_SUCH_MODEL
+    elif case.operation.path == "/v1/fine_tuning/jobs":
+        # Past the model lookup when served, then refused at the training file (400): never a real job.
+        if isinstance(case.body.get("training_file"), str):
+            case.body["training_file"] = NO_SUCH_FILE
+        if serve:
+            case.body["model"] = SERVED
     elif serve and case.operation.method == "post":
         case.body.pop("adapter", None)
         if "/api/v1/" in case.operation.path:
