@@ -28,6 +28,10 @@ class GenerationParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_
     seed: int | None = None
     # Generation stops before any of these strings; the stop text is not returned.
     stop: list[str] = []
+    # Constrained decoding: the output is JSON valid against this JSON Schema (its text; "" = unconstrained).
+    # Omitted when empty, so requests without it still decode on workers that predate it; a worker that
+    # predates it refuses a request that sets it (unknown field) instead of generating free text.
+    json_schema: str = ""
 
 
 class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):

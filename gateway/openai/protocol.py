@@ -51,6 +51,32 @@ class Message(msgspec.Struct, kw_only=True):
     refusal: str | None = None
 
 
+class JsonSchemaFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    # The JSON Schema the output must follow (none: any JSON object).
+    schema: dict[str, Any] | None = None
+    # Accepted; the output is constrained by the schema either way (decoding follows its grammar).
+    strict: bool | None = None
+
+
+class ResponseFormatText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    """Free text (the default)."""
+
+
+class ResponseFormatJsonObject(msgspec.Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+    """Any JSON object (constrained decoding)."""
+
+
+class ResponseFormatJsonSchema(msgspec.Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    """JSON valid against `json_schema.schema` (constrained decoding)."""
+
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
+
+
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What both POST routes share: model, sampling, stop, streaming, and OpenAI's bookkeeping fields."""
 
@@ -68,6 +94,8 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Extensions sent by vLLM-style clients (`extra_body`); repetition_penalty is in the spec.
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    # Structured output (OpenAI's chat field; vLLM accepts it on /v1/completions too).
+    response_format: ResponseFormat | None = None
     # Recognised, refused unless "off" (see translate.refuse_unsupported).
     logit_bias: Any = None
 
@@ -92,7 +120,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True)
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None

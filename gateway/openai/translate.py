@@ -15,7 +15,15 @@ import msgspec
 from gateway.core import GatewayCore
 from gateway.generation import new_trace_id
 from gateway.openai.errors import bad_request
-from gateway.openai.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, Message, _Sampling
+from gateway.openai.protocol import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Message,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    _Sampling,
+)
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, Metadata
 
@@ -83,10 +91,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_falsy, "function calling is not supported by this server"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported by this server"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported by this server"),
-    "response_format": (
-        lambda v: v is None or v == {"type": "text"},
-        "structured output (json_object / json_schema) is not supported by the engine; only {'type': 'text'}",
-    ),
     "audio": (_none, "audio output is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only the 'text' modality is supported"),
     "prediction": (_none, "predicted outputs are not supported"),
@@ -123,6 +127,19 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+ANY_OBJECT = '{"type":"object"}'
+
+
+def _json_schema(body: _Sampling) -> str:
+    """The JSON Schema text `response_format` asks for ("" for text)."""
+    match body.response_format:
+        case ResponseFormatJsonObject():
+            return ANY_OBJECT
+        case ResponseFormatJsonSchema(json_schema=spec):
+            return ANY_OBJECT if spec.schema is None else msgspec.json.encode(spec.schema).decode()
+    return ""
+
+
 def _params(body: _Sampling, max_new_tokens: int) -> GenerationParams:
     temperature = TEMPERATURE if body.temperature is None else body.temperature
     top_p = TOP_P if body.top_p is None else body.top_p
@@ -139,6 +156,7 @@ def _params(body: _Sampling, max_new_tokens: int) -> GenerationParams:
         frequency_penalty=body.frequency_penalty or 0.0,
         seed=None if body.seed is None else body.seed % _SEED_SPACE,
         stop=_stops(body.stop),
+        json_schema=_json_schema(body),
     )
 
 
@@ -257,6 +275,14 @@ def plan_chat(core: GatewayCore, body: ChatCompletionRequest) -> Plan:
     """Raises CyError: 400 for bad or unsupported parameters, 404 for an unknown model."""
     refuse_unsupported(body, _CHAT_UNSUPPORTED)
     messages = chat_messages(body.messages)
+    if isinstance(body.response_format, ResponseFormatJsonObject) and not any(
+        "json" in m.content.lower() for m in messages
+    ):
+        # As OpenAI: without being asked for JSON, a model may emit whitespace until max_tokens.
+        raise bad_request(
+            "messages",
+            "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+        )
     max_new = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
     return _fan_out(
         core, "chatcmpl", body, [("", messages)], _params(body, max_new), _metadata(body.user, body.metadata)

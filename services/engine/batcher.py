@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from schemas.inference import GenerationParams
 from services.engine.base import TokenStep
+from services.engine.grammar import Constraint
 from services.engine.sampling import make_generator, pick_token
 
 log = structlog.get_logger()
@@ -46,12 +47,14 @@ class Sequence:
         emit: Emit,
         device: torch.device,
         adapter: str = "",
+        constraint: Constraint | None = None,
     ) -> None:
         self.prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.emit = emit
         self.adapter = adapter
+        self.constraint = constraint  # json_schema: the grammar the output must follow
         self.generator = make_generator(params, device)
         self.generated: list[int] = []
         self.pos = len(prompt_ids)
@@ -64,6 +67,11 @@ class Sequence:
         return torch.cat([self.prompt, torch.tensor(self.generated, dtype=torch.long, device=self.prompt.device)])
 
     def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+        if self.constraint is not None and not self.constraint.accept(token):
+            # Cannot happen for a token picked from masked logits; never emit text the grammar refused.
+            self.done = True
+            self.emit(RuntimeError(f"token {token} does not follow the grammar"))
+            return
         self.generated.append(token)
         finish = "stop" if token in eos_ids else "length" if len(self.generated) >= self.max_new_tokens else None
         self.done = finish is not None
@@ -206,6 +214,8 @@ class Batcher:
         return True
 
     def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
         generated = torch.tensor(seq.generated, dtype=torch.long, device=logits.device)
         context = seq.context() if seq.params.repetition_penalty != 1.0 else generated
         return pick_token(logits, seq.params, seq.generator, context, generated)
@@ -244,7 +254,7 @@ class Batcher:
         logits = out.logits[:, -1]
         # Plain greedy rows (no penalties) take one batched argmax: one device sync for all of them
         # instead of one per row (the same argmax of the same logits, so the same tokens).
-        plain = [i for i, s in enumerate(rows) if _plain_greedy(s.params)]
+        plain = [i for i, s in enumerate(rows) if _plain_greedy(s.params) and s.constraint is None]
         greedy = dict(zip(plain, logits[plain].float().argmax(-1).tolist(), strict=True)) if plain else {}
         for i, seq in enumerate(rows):
             seq.pos += 1

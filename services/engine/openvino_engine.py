@@ -29,6 +29,7 @@ import structlog
 
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
+from services.engine import grammar
 from services.engine import openvino_process as proc
 from services.engine.base import Engine, TokenStep
 from services.engine.engines import EngineOptions, openvino_weights
@@ -213,6 +214,8 @@ class OpenVinoEngine(Engine):
             except RuntimeError:  # the event loop is gone: nobody is listening any more
                 request.cancelled = True
 
+        if params.json_schema:
+            await grammar.check_schema(params.json_schema)
         request = _Request(next(self._ids), emit)
         add = proc.Add(
             request_id=request.request_id,
@@ -226,6 +229,7 @@ class OpenVinoEngine(Engine):
             frequency_penalty=params.frequency_penalty,
             # An unseeded request still needs its own draw: OpenVINO's default seed is the same for all.
             seed=params.seed if params.seed is not None else secrets.randbits(32),
+            json_schema=params.json_schema,
         )
         with self._lock:
             self._requests[request.request_id] = request

@@ -33,6 +33,7 @@ class Add(msgspec.Struct, tag=True):
     presence_penalty: float
     frequency_penalty: float
     seed: int
+    json_schema: str = ""  # constrained decoding (OpenVINO GenAI's built-in xgrammar backend); "" = none
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -145,6 +146,8 @@ def generation_config(add: Add) -> Any:
     config.repetition_penalty = add.repetition_penalty
     config.presence_penalty = add.presence_penalty
     config.frequency_penalty = add.frequency_penalty
+    if add.json_schema:  # checked by the worker first (grammar.check_schema): a bad one fails the whole step
+        config.structured_output_config = ov_genai.StructuredOutputConfig(json_schema=add.json_schema)
     if add.temperature == 0:
         config.do_sample = False
         return config

@@ -15,6 +15,7 @@ from schemas.inference import GenerationParams
 from services.engine import adapters as lora
 from services.engine.base import Engine, TokenStep
 from services.engine.batcher import Batcher, Sequence
+from services.engine.grammar import Constraint, Grammars, check_schema
 
 log = structlog.get_logger()
 
@@ -54,6 +55,7 @@ class TransformersEngine(Engine):
         self._batcher: Batcher | None = None
         self._eos: frozenset[int] = frozenset()
         self._adapters: dict[str, str] = {}
+        self._grammars: Grammars | None = None  # built on the first json_schema request
 
     async def start(self) -> None:
         if self._dtype not in _DTYPES:
@@ -119,8 +121,18 @@ class TransformersEngine(Engine):
     def busy(self) -> int:
         return self._batcher.busy if self._batcher else 0
 
+    async def _constraint(self, schema: str) -> Constraint:
+        """Raises CyError(INVALID_REQUEST) for an unusable schema or when xgrammar is not installed."""
+        await check_schema(schema)
+        if self._grammars is None:
+            self._grammars = await asyncio.to_thread(
+                Grammars, self.tokenizer, int(self.model.config.vocab_size), self._eos
+            )
+        return await asyncio.to_thread(self._grammars.constraint, schema)
+
     async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
         assert self._batcher is not None
+        constraint = await self._constraint(params.json_schema) if params.json_schema else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenStep | BaseException] = asyncio.Queue()
 
@@ -131,7 +143,7 @@ class TransformersEngine(Engine):
                 seq.cancelled = True
 
         max_new = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
-        seq = Sequence(prompt_ids, params, max_new, emit, self._batcher.device, adapter)
+        seq = Sequence(prompt_ids, params, max_new, emit, self._batcher.device, adapter, constraint)
         self._batcher.submit(seq)
         try:
             while True:
