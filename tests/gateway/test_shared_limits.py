@@ -72,3 +72,17 @@ async def test_without_nats_each_gateway_falls_back_to_its_own_per_minute_count(
                 pass
         assert err.value.code == ErrorCode.RATE_LIMITED
         assert limiter.shared_failures == (3 if connected else 0)
+
+
+async def test_one_clients_simultaneous_requests_within_its_limits_are_all_admitted(
+    nats_server: NatsServer, registry: Registry, tiny_worker: Worker
+) -> None:
+    # Before: concurrent requests of one key in one gateway collided on their own compare-and-set and 4 of 32
+    # were refused with RATE_LIMITED, far below both limits.
+    key = unique("burst-key")
+    async with running_gateway(nats_server.url, registry, api_key=f"{API_KEY},{key}") as gw:
+        await wait_until(lambda: gw.core.workers.model_state("tiny") == "ready")
+        async with gw.client(api_key=key) as client:
+            answers = await asyncio.gather(*(client.post("/api/v1/inference", json=BODY) for _ in range(32)))
+    assert [r.status_code for r in answers] == [200] * 32, [r.text for r in answers if r.status_code != 200][:2]
+    assert gw.core.limiter.shared_failures == 0
