@@ -95,7 +95,11 @@ def nested(depth: int) -> str:
         ("/completions", '{"prompt": "hi", "logit_bias": %s}'),
         ("/chat/completions", '{"messages": [{"role": "user", "content": "hi", "tool_calls": %s}]}'),
         ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": %s}'),
-        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "response_format": %s}'),
+        (  # response_format is typed now; the untyped part is its JSON schema
+            "/chat/completions",
+            '{"messages": [{"role": "user", "content": "JSON"}], "response_format": '
+            '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"a": %s}}}}',
+        ),
     ],
 )
 async def test_json_nested_past_the_recursion_limit_in_any_untyped_openai_field_is_a_400(
