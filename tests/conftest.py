@@ -10,6 +10,7 @@ import pytest
 
 from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.trainer.paths import Roots
 from tests.helpers import (
     Gateway,
     NatsServer,
@@ -19,6 +20,7 @@ from tests.helpers import (
     running_gateway,
     running_worker,
 )
+from tests.trainer.helpers import roots_for
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +69,21 @@ async def real_worker(nats_server: NatsServer, registry: Registry) -> AsyncItera
         nats_server.url, registry, "smollm2-135m-instruct", worker_id="smol-w1", slots=8
     ) as worker:
         yield worker
+
+
+@pytest.fixture(scope="module")
+def roots(session_dir: Path) -> Roots:
+    """The training folders (datasets, outputs) that a module's gateway and trainers share."""
+    return roots_for(session_dir)
+
+
+@pytest.fixture(scope="module")
+async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_worker: Worker) -> AsyncIterator[Gateway]:
+    """A gateway of the module's own that knows the training folders, once the tiny worker is ready."""
+    from tests.helpers import wait_until
+
+    async with running_gateway(
+        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
+    ) as gateway:
+        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
+        yield gateway

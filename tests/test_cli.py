@@ -14,11 +14,10 @@ import pytest
 
 from gateway.cli.client import SseEvent, error_from_payload, parse_sse
 from services.engine.registry import Registry
-from services.engine.worker import Worker
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
-from tests.helpers import API_KEY, Gateway, NatsServer, running_gateway, wait_until
-from tests.trainer.helpers import roots_for, running_trainer, unique, varied_rows, write_jsonl
+from tests.helpers import API_KEY, Gateway, NatsServer
+from tests.trainer.helpers import running_trainer, unique, varied_rows, write_jsonl
 
 CY = Path(sys.executable).parent / "cy"
 FAST = ["--batch-size", "4", "--learning-rate", "1e-2", "--max-seq-length", "64"]
@@ -31,20 +30,6 @@ class Ran:
     rc: int
     out: str
     err: str
-
-
-@pytest.fixture(scope="module")
-def roots(session_dir: Path) -> Roots:
-    return roots_for(session_dir)
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_worker: Worker) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
-    ) as gateway:
-        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
-        yield gateway
 
 
 @pytest.fixture

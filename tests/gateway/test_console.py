@@ -18,11 +18,10 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from services.engine.registry import Registry
-from services.engine.worker import Worker
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
-from tests.helpers import API_KEY, Gateway, NatsServer, running_gateway, wait_until
-from tests.trainer.helpers import roots_for, running_trainer, unique, varied_rows, write_jsonl
+from tests.helpers import API_KEY, Gateway, NatsServer
+from tests.trainer.helpers import running_trainer, unique, varied_rows, write_jsonl
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -38,20 +37,6 @@ CHROMIUM_ARGS = [
 # A busy shared machine: give the page time (expect's own default is 5 s).
 expect.set_options(timeout=30_000)
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "console"
-
-
-@pytest.fixture(scope="module")
-def roots(session_dir: Path) -> Roots:
-    return roots_for(session_dir)
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_worker: Worker) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
-    ) as gateway:
-        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
-        yield gateway
 
 
 @pytest.fixture(scope="module")

@@ -90,11 +90,6 @@ async def test_bad_values_raise_bad_request_naming_the_parameter(
             "tools",
         ),
         ({"tool_choice": "required"}, "tool_choice"),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-            "response_format",
-        ),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"store": True}, "store"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0]"),

@@ -15,24 +15,11 @@ import pytest
 from openai import AsyncOpenAI
 
 from services.engine.registry import Registry
-from services.engine.worker import Worker
 from services.trainer.worker import Trainer
-from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
+from tests.helpers import Gateway, NatsServer
 from tests.trainer.helpers import ANSWER, QUESTION, roots_for, running_trainer, unique
 
 CHAT_ROWS = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}] * 4
-
-
-@pytest.fixture(scope="module")
-async def gw(
-    nats_server: NatsServer, registry: Registry, tiny_worker: Worker, session_dir: Path
-) -> AsyncIterator[Gateway]:
-    roots = roots_for(session_dir)
-    async with running_gateway(
-        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
-    ) as gateway:
-        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
-        yield gateway
 
 
 @pytest.fixture

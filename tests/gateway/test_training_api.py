@@ -15,13 +15,12 @@ from services.engine.registry import Registry
 from services.engine.worker import Worker
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
-from tests.helpers import Gateway, NatsServer, parse_sse, running_gateway, wait_until
+from tests.helpers import Gateway, NatsServer, parse_sse, wait_until
 from tests.trainer.helpers import (
     ANSWER,
     QUESTION,
     TEACH,
     TEACH_LORA,
-    roots_for,
     running_trainer,
     teach_rows,
     unique,
@@ -32,20 +31,6 @@ from tests.trainer.helpers import (
 
 FAST = {"batchSize": 4, "learningRate": 1e-2, "epochs": 2, "maxSeqLength": 64}
 FAST_LORA = {"r": 8, "loraAlpha": 16, "loraDropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture(scope="module")
-def roots(session_dir: Path) -> Roots:
-    return roots_for(session_dir)
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_worker: Worker) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        nats_server.url, registry, datasets_dir=str(roots.datasets), outputs_dir=str(roots.outputs)
-    ) as gateway:
-        await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
-        yield gateway
 
 
 @pytest.fixture

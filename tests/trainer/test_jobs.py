@@ -99,8 +99,17 @@ async def test_a_job_trains_checkpoints_evaluates_and_registers_its_adapter_as_l
     assert (adapter_dir / "adapter_config.json").exists()
     kv = await jobs.js.key_value(subjects.ADAPTERS_BUCKET)
     record = adapter_decoder.decode((await kv.get(subjects.adapter_key("tiny", job.adapter_name))).value or b"")
+    # The files travel through the object store too (the record names the object and its sha256).
+    assert record.object and len(record.digest) == 64 and record.size > 0
     assert record == AdapterRecord(
-        model_id="tiny", name=req.output_dir, path=str(adapter_dir), job_id=job.job_id, created_ms=record.created_ms
+        model_id="tiny",
+        name=req.output_dir,
+        path=str(adapter_dir),
+        job_id=job.job_id,
+        created_ms=record.created_ms,
+        object=record.object,
+        digest=record.digest,
+        size=record.size,
     )
 
 
