@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 from pathlib import Path
@@ -9,7 +10,13 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, ObjectDeletedError, ObjectNotFoundError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    NotFoundError,
+    ObjectDeletedError,
+    ObjectNotFoundError,
+)
 
 from schemas import codec, subjects
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
@@ -21,8 +28,10 @@ from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import NatsServer, running_gateway, running_worker, wait_until
 from tests.trainer.helpers import (
+    ACK_WAIT_S,
     ANSWER,
     QUESTION,
+    TrainerProcess,
     job_service,
     roots_for,
     running_trainer,
@@ -217,4 +226,61 @@ async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploa
         await nc.drain()
     # The second trainer continued from the checkpoint the first one saved when pausing, not from step 0.
     assert ("resumed", paused.checkpoint_step) in kinds and paused.checkpoint_step > 0, kinds
+    assert (second.outputs / request.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+async def test_a_trainer_killed_mid_job_is_succeeded_by_one_without_its_disk_from_the_uploaded_checkpoint(
+    nats_server: NatsServer, registry: Registry, registry_file: Path, tmp_path: Path
+) -> None:
+    first, second = roots_for(tmp_path / "first"), roots_for(tmp_path / "second")
+    dataset = write_jsonl(first, varied_rows(16))
+    shutil.copy(first.datasets / dataset, second.datasets / dataset)
+    request = StartTraining(
+        base_model="tiny",
+        output_dir=unique("out"),
+        dataset_path=dataset,
+        hyper_params=msgspec.convert(
+            {"batch_size": 4, "learning_rate": 1e-2, "epochs": 10, "max_seq_length": 64, "save_steps": 5}, HyperParams
+        ),
+        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with job_service(nats_server.url, registry, first) as jobs:
+            doomed = TrainerProcess(nats_server.url, registry_file, first, unique("doomed"))
+            try:
+                job = await jobs.start(request)
+
+                async def uploaded() -> bool:
+                    with contextlib.suppress(ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+                        store = await nc.jetstream().object_store(subjects.ADAPTER_FILES_BUCKET)
+                        await store.get_info(subjects.checkpoint_object(job.job_id))
+                        return (await jobs.get(job.job_id)).progress.step > 5
+                    return False
+
+                for _ in range(2400):
+                    if await uploaded():
+                        break
+                    assert doomed.proc.poll() is None, doomed.stderr_tail()
+                    await asyncio.sleep(0.05)
+            finally:
+                doomed.kill()  # SIGKILL mid-job: no pause, no drain
+            killed_at = await jobs.get(job.job_id)
+            assert killed_at.status == "running" and killed_at.progress.step < 40, killed_at
+            shutil.rmtree(first.outputs)  # the first machine is gone with its disk
+            async with running_trainer(nats_server.url, registry, second):
+                done = await wait_finished(jobs, job.job_id, timeout=300 + ACK_WAIT_S)
+        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job.job_id), ordered_consumer=True)
+        kinds: list[tuple[str, int]] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
+                kinds.append((event.kind, event.progress.step if event.progress else -1))
+    finally:
+        await nc.drain()
+    assert done.status == "completed" and done.progress.step == done.progress.total_steps == 40, done
+    assert done.restarts == 1, done
+    # The heir continued from a checkpoint the dead trainer had uploaded, not from step 0.
+    resumed = [step for kind, step in kinds if kind == "resumed"]
+    assert resumed and resumed[0] >= 5, kinds
     assert (second.outputs / request.output_dir / "adapter" / "adapter_model.safetensors").is_file()
