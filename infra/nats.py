@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from schemas import subjects
-from services.discovery import SRV_ALL, WORKERS_ALL
 from services.runtime import data_dir, role_password
 
 CONFIG_FILE = "nats.conf"
@@ -59,8 +58,8 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             subjects.JS_API_ALL,
             subjects.JS_ACK_ALL,
             *_KV_TRAINING,
-            SRV_ALL,  # asks the NATS micro services ($SRV.PING/INFO/STATS) and the workers' info endpoints
-            WORKERS_ALL,
+            subjects.SRV_ALL,  # asks the NATS micro services ($SRV.PING/INFO/STATS) and the workers' info endpoints
+            subjects.WORKERS_ALL,
             subjects.kv_subjects(subjects.RATELIMITS_BUCKET),
             # Uploaded datasets: the gateway stores and deletes them; trainers only read (JS API + inbox).
             subjects.object_subjects(subjects.DATASETS_BUCKET),
@@ -79,13 +78,13 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             subjects.GENERATE_SUBJECTS,
             subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
             subjects.INBOX_ALL,
-            SRV_ALL,  # NATS micro service discovery (services/discovery.py): answers $SRV.PING/INFO/STATS
-            WORKERS_ALL,  # and its own `info` endpoint
+            subjects.SRV_ALL,  # NATS micro service discovery (services/discovery.py): answers $SRV.PING/INFO/STATS
+            subjects.WORKERS_ALL,  # and its own `info` endpoint
         ],
     ),
     "trainer": _role(
         [subjects.TRAINING_ALL, subjects.JS_API_ALL, subjects.JS_ACK_ALL, *_KV_TRAINING],
-        [subjects.TRAINING_ALL, subjects.INBOX_ALL, SRV_ALL],
+        [subjects.TRAINING_ALL, subjects.INBOX_ALL, subjects.SRV_ALL],
     ),
 }
 

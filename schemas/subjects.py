@@ -141,6 +141,17 @@ JS_API_ALL = "$JS.API.>"
 JS_ACK_ALL = "$JS.ACK.>"
 INBOX_ALL = "_INBOX.>"
 
+# --- service discovery (NATS micro; services/discovery.py) --------------------------------------------
+# The micro protocol's control subjects ($SRV.PING, $SRV.INFO.<name>, ...), which every service answers.
+SRV_ALL = "$SRV.>"
+# Workers' own micro endpoints.
+WORKERS_ALL = f"{PREFIX}.workers.>"
+
+
+def worker_info_subject(worker_id: str) -> str:
+    """A worker's `info` endpoint: its WorkerInfo (msgpack)."""
+    return f"{PREFIX}.workers.{token(worker_id)}.info"
+
 
 def publisher_inbox_prefix(owner: str) -> str:
     """A direct publisher's `inbox_prefix` (nats-py): its replies (JetStream acks) arrive under it, so it

@@ -29,14 +29,6 @@ from schemas.workers import WorkerInfo
 SERVICE_VERSION = "1.0.0"
 WORKER_SERVICE = "cy-llm-worker"
 TRAINING_SERVICE = "cy-llm-training"
-# The micro protocol's control subjects ($SRV.PING, $SRV.INFO.<name>, ...), which every service answers.
-SRV_ALL = "$SRV.>"
-# Workers' own endpoints. (They belong in schemas/subjects.py with every other name; move them there.)
-WORKERS_ALL = f"{subjects.PREFIX}.workers.>"
-
-
-def worker_info_subject(worker_id: str) -> str:
-    return f"{subjects.PREFIX}.workers.{subjects.token(worker_id)}.info"
 
 
 async def add_worker_service(
@@ -62,7 +54,7 @@ async def add_worker_service(
 
     await service.add_endpoint(
         name="info",
-        subject=worker_info_subject(current.worker_id),
+        subject=subjects.worker_info_subject(current.worker_id),
         handler=on_info,
         metadata={"format": "msgpack", "schema": "schemas.workers.WorkerInfo"},
     )
