@@ -184,10 +184,9 @@ async def test_delete_route_removes_the_record_and_the_files_and_404s_after(
         await nc.drain()
 
 
-async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploaded_checkpoint(
-    nats_server: NatsServer, registry: Registry, tmp_path: Path
-) -> None:
-    first, second = roots_for(tmp_path / "first"), roots_for(tmp_path / "second")
+def two_machines(root: Path) -> tuple[Roots, Roots, StartTraining]:
+    """Two trainers' folders (no shared disk; the dataset copied to both) and a job that checkpoints every 5 steps."""
+    first, second = roots_for(root / "first"), roots_for(root / "second")
     dataset = write_jsonl(first, varied_rows(16))
     shutil.copy(first.datasets / dataset, second.datasets / dataset)
     request = StartTraining(
@@ -199,6 +198,28 @@ async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploa
         ),
         lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
+    return first, second, request
+
+
+async def event_steps(nats_url: str, job_id: str) -> list[tuple[str, int]]:
+    """(kind, step) of every event the job has published so far."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
+        kinds: list[tuple[str, int]] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
+                kinds.append((event.kind, event.progress.step if event.progress else -1))
+        return kinds
+    finally:
+        await nc.drain()
+
+
+async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploaded_checkpoint(
+    nats_server: NatsServer, registry: Registry, tmp_path: Path
+) -> None:
+    first, second, request = two_machines(tmp_path)
     async with job_service(nats_server.url, registry, first) as jobs:
         trainer = Trainer(trainer_settings(nats_server.url, first), registry=registry)
         await trainer.start()  # not `running_trainer`: that one cancels the jobs it leaves unfinished
@@ -214,16 +235,7 @@ async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploa
             await jobs.resume(job.job_id)
             done = await wait_finished(jobs, job.job_id, timeout=300)
     assert done.status == "completed" and done.progress.step == done.progress.total_steps == 40, done
-    nc = await nats.connect(nats_server.url)
-    try:
-        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job.job_id), ordered_consumer=True)
-        kinds: list[tuple[str, int]] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
-                kinds.append((event.kind, event.progress.step if event.progress else -1))
-    finally:
-        await nc.drain()
+    kinds = await event_steps(nats_server.url, job.job_id)
     # The second trainer continued from the checkpoint the first one saved when pausing, not from step 0.
     assert ("resumed", paused.checkpoint_step) in kinds and paused.checkpoint_step > 0, kinds
     assert (second.outputs / request.output_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -232,18 +244,7 @@ async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploa
 async def test_a_trainer_killed_mid_job_is_succeeded_by_one_without_its_disk_from_the_uploaded_checkpoint(
     nats_server: NatsServer, registry: Registry, registry_file: Path, tmp_path: Path
 ) -> None:
-    first, second = roots_for(tmp_path / "first"), roots_for(tmp_path / "second")
-    dataset = write_jsonl(first, varied_rows(16))
-    shutil.copy(first.datasets / dataset, second.datasets / dataset)
-    request = StartTraining(
-        base_model="tiny",
-        output_dir=unique("out"),
-        dataset_path=dataset,
-        hyper_params=msgspec.convert(
-            {"batch_size": 4, "learning_rate": 1e-2, "epochs": 10, "max_seq_length": 64, "save_steps": 5}, HyperParams
-        ),
-        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
+    first, second, request = two_machines(tmp_path)
     nc = await nats.connect(nats_server.url)
     try:
         async with job_service(nats_server.url, registry, first) as jobs:
@@ -270,14 +271,9 @@ async def test_a_trainer_killed_mid_job_is_succeeded_by_one_without_its_disk_fro
             shutil.rmtree(first.outputs)  # the first machine is gone with its disk
             async with running_trainer(nats_server.url, registry, second):
                 done = await wait_finished(jobs, job.job_id, timeout=300 + ACK_WAIT_S)
-        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job.job_id), ordered_consumer=True)
-        kinds: list[tuple[str, int]] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
-                kinds.append((event.kind, event.progress.step if event.progress else -1))
     finally:
         await nc.drain()
+    kinds = await event_steps(nats_server.url, job.job_id)
     assert done.status == "completed" and done.progress.step == done.progress.total_steps == 40, done
     assert done.restarts == 1, done
     # The heir continued from a checkpoint the dead trainer had uploaded, not from step 0.

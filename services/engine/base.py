@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -17,6 +18,35 @@ class TokenStep(msgspec.Struct):
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+
+
+class StepInbox:
+    """Token steps handed from an engine's own thread to the coroutine that streams them.
+
+    Create it on the event loop; `put` may be called from any thread and returns False once the loop is gone
+    (nobody is listening any more: the engine should drop the sequence).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[TokenStep | BaseException] = asyncio.Queue()
+
+    def put(self, item: TokenStep | BaseException) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+    async def steps(self, translate: Callable[[BaseException], BaseException]) -> AsyncIterator[TokenStep]:
+        """Yield steps until the one with a finish reason; an error put by the engine is raised as translated."""
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise translate(item)
+            yield item
+            if item.finish_reason is not None:
+                return
 
 
 class Engine(abc.ABC):

@@ -31,7 +31,7 @@ from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
 from services.engine import grammar
 from services.engine import openvino_process as proc
-from services.engine.base import Engine, TokenStep
+from services.engine.base import Engine, StepInbox, TokenStep
 from services.engine.engines import EngineOptions, openvino_weights
 from services.engine.registry import ModelSpec
 
@@ -205,13 +205,10 @@ class OpenVinoEngine(Engine):
             return
         if self._stopping:
             raise CyError(ErrorCode.INTERNAL_ERROR, "the engine is shutting down", retryable=True)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue[TokenStep | BaseException] = asyncio.Queue()
+        inbox = StepInbox()
 
         def emit(item: TokenStep | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
+            if not inbox.put(item):  # the event loop is gone: nobody is listening any more
                 request.cancelled = True
 
         if params.json_schema:
@@ -235,13 +232,8 @@ class OpenVinoEngine(Engine):
             self._requests[request.request_id] = request
         self._outbox.put((request.request_id, proc.encoder.encode(add)))
         try:
-            while True:
-                item = await inbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for step in inbox.steps(lambda error: error):  # errors arrive as CyErrors already
+                yield step
         finally:
             with self._lock:
                 still_running = self._requests.pop(request.request_id, None) is not None

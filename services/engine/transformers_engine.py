@@ -13,7 +13,7 @@ import torch
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
 from services.engine import adapters as lora
-from services.engine.base import Engine, TokenStep
+from services.engine.base import Engine, StepInbox, TokenStep
 from services.engine.batcher import Batcher, Sequence
 from services.engine.grammar import Constraint, Grammars, check_schema
 
@@ -133,25 +133,17 @@ class TransformersEngine(Engine):
     async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
         assert self._batcher is not None
         constraint = await self._constraint(params.json_schema) if params.json_schema else None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenStep | BaseException] = asyncio.Queue()
+        inbox = StepInbox()
 
         def emit(item: TokenStep | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
+            if not inbox.put(item):  # the event loop is gone: nobody is listening any more
                 seq.cancelled = True
 
         max_new = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
         seq = Sequence(prompt_ids, params, max_new, emit, self._batcher.device, adapter, constraint)
         self._batcher.submit(seq)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise translate_error(item)
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for step in inbox.steps(translate_error):
+                yield step
         finally:
             seq.cancelled = True

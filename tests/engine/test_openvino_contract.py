@@ -7,6 +7,7 @@ transformers + peft, and a pipeline process that dies.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
@@ -22,17 +23,15 @@ from schemas.errors import ErrorCode
 from schemas.inference import GenerateRequest, StreamError
 from services.engine.registry import ModelSpec, Registry
 from services.engine.worker import Worker
-from tests.dispatch.nats_client import connect, submit
+from tests.dispatch.nats_client import submit
 from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
-from tests.engine.contract import MODEL_ID, STORY, ask, chunks, end, make_adapter_dir, request
+from tests.engine.contract import MODEL_ID, STORY, ask, chunks, end, request
 from tests.engine.reference import reference_greedy
 from tests.helpers import NatsServer, real_model_dir, running_worker, wait_until
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        __import__("importlib").util.find_spec("openvino_genai") is None, reason="openvino-genai is not installed"
-    ),
+    pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None, reason="openvino-genai is not installed"),
 ]
 
 
@@ -46,11 +45,6 @@ def openvino_registry(adapters: dict[str, str]) -> Registry:
         adapters=adapters,
     )
     return Registry(default=MODEL_ID, models={MODEL_ID: spec})
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_adapter_dir(tmp_path_factory.mktemp("ov-adapters"))
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +65,6 @@ async def worker(nats_server: NatsServer, engine_registry: Registry) -> AsyncIte
         nats_server.url, engine_registry, MODEL_ID, worker_id=f"ov-{uuid.uuid4().hex[:6]}", slots=8, prefill_budget=64
     ) as w:
         yield w
-
-
-@pytest.fixture(scope="module")
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    client = await connect(nats_server.url)
-    yield client
-    await client.drain()
 
 
 async def test_the_worker_runs_the_openvino_engine(worker: Worker) -> None:

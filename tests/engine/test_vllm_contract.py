@@ -12,22 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client as NATS
 
 from services.engine.registry import Registry
 from services.engine.worker import Worker
-from tests.dispatch.nats_client import connect
 from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
-from tests.engine.contract import make_adapter_dir
 from tests.engine.vllm_support import MODEL_ID, VLLM, engine_name, vllm_registry
 from tests.helpers import NatsServer, running_worker
 
 pytestmark = VLLM
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_adapter_dir(tmp_path_factory.mktemp("vllm-adapters"))
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +43,6 @@ async def worker(nats_server: NatsServer, engine_registry: Registry) -> AsyncIte
         engine=engine_name(),
     ) as w:
         yield w
-
-
-@pytest.fixture(scope="module")
-async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    client = await connect(nats_server.url)
-    yield client
-    await client.drain()
 
 
 async def test_the_worker_runs_the_vllm_engine(worker: Worker) -> None:
