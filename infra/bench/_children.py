@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import subprocess
 import sys
-from typing import Any
+from typing import Any, Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -61,3 +62,36 @@ def reap(procs: list[Any], timeout: float = 10.0) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def stop_child(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Send `sig` to `proc` if it still runs and give it `timeout` seconds to exit (drain); SIGKILL it after that."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class Lifecycle:
+    """A context manager made of `start()` and `stop()`: a start that fails part-way stops what it had started."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

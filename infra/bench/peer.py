@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from infra.bench._children import die_with_parent
+from infra.bench._children import Lifecycle, die_with_parent, stop_child
 from infra.bench._sse import sse_events
 from infra.bench.stack import QUIET_ENV, StackError
 from infra.bench.workloads import OneRequest, Sample, TokenCounter
@@ -38,7 +38,7 @@ def serve_binary() -> str:
 PAGE_TOKENS = 256  # transformers' default continuous-batching page size
 
 
-class PeerServer:
+class PeerServer(Lifecycle):
     """`transformers serve --continuous-batching` with a KV cache sized for the benchmark.
 
     Left to itself on CPU it sizes the paged cache from free RAM (0.9 of it: 10 GB seen on a 24 GB dev
@@ -95,25 +95,8 @@ class PeerServer:
         raise StackError(f"transformers serve was not healthy within {timeout:g}s", log_path)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def __enter__(self) -> PeerServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.proc is not None:
+            stop_child(self.proc, signal.SIGINT)
 
 
 def peer_request(client: httpx.AsyncClient, server: PeerServer, counter: TokenCounter) -> OneRequest:

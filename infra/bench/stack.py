@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from infra.bench._children import descendants, die_with_parent, reap
+from infra.bench._children import Lifecycle, descendants, die_with_parent, reap, stop_child
 from infra.nats import free_port, mint_publisher, start_nats
 
 QUIET_ENV = {"CY_LLM_LOG_LEVEL": "warning", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -48,7 +48,7 @@ class StackError(RuntimeError):
         self.log = log
 
 
-class Stack:
+class Stack(Lifecycle):
     def __init__(
         self,
         root: Path,
@@ -157,22 +157,5 @@ class Stack:
             if proc is None:
                 continue
             children = descendants(proc.pid)  # vLLM's engine process, say
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_child(proc, signal.SIGTERM)
             reap(children)  # only those still running: normally none
-
-    def __enter__(self) -> Stack:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
