@@ -42,7 +42,7 @@ bench *args:
 [doc("Convert the registry's models (GGUF -> safetensors) into the data folder")]
 [group("setup")]
 model:
-    {{python}} -m infra.model_files
+    {{python}} -m services.models
 
 [doc("3-node NATS cluster (JetStream R3) on loopback + two workers + two gateways on different nodes")]
 [group("run")]

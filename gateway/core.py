@@ -19,7 +19,7 @@ from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
 from services import streams
-from services.engine.registry import Registry, load_registry
+from services.models.registry import Registry, load_registry
 from services.runtime import Tasks, close_nats, connect_nats
 
 log = structlog.get_logger()

@@ -2,7 +2,7 @@
 # Create (or reuse) the virtualenv that exports models to OpenVINO IR: `bash infra/openvino_venv.sh [VENV_DIR]`
 # (default $CY_LLM_OPENVINO_EXPORT_VENV, else ~/.cache/cy-llm/venv-openvino-export).
 #
-# Only the one-time export runs here (`optimum-cli export openvino`, called by infra/model_files.py); serving
+# Only the one-time export runs here (`optimum-cli export openvino`, called by services/models/files.py); serving
 # needs nothing but `openvino-genai`, which the main venv has. A venv of its own because optimum-intel 2.2
 # pins transformers<5.6 (the main venv runs a newer one) and imports fail against newer transformers.
 #   - torch==2.13.0 (the CPU build on local disk here; a plain `torch` would pull a CUDA build);

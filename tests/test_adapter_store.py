@@ -22,8 +22,8 @@ from schemas import codec, subjects
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining, event_decoder
 from services import adapter_store, streams
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import NatsServer, running_gateway, running_worker, wait_until

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gateway.cli.client import SseEvent, error_from_payload, parse_sse
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import API_KEY, Gateway, NatsServer

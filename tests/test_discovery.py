@@ -14,8 +14,8 @@ from nats.aio.client import Client as NATS
 
 from schemas import codec, subjects
 from services.discovery import TRAINING_SERVICE, WORKER_SERVICE
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from services.runtime import NatsSettings, connect_nats
 from tests.helpers import NatsServer, running_worker
 from tests.trainer.helpers import roots_for, running_trainer

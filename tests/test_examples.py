@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import NatsServer, running_worker
 
 

@@ -12,7 +12,7 @@ import pytest
 from schemas import subjects
 from schemas.inference import GenerationParams, StreamEnd, StreamError, TokenChunk
 from services import streams
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.dispatch.nats_client import connect, request, submit
 from tests.helpers import NatsServer, WorkerProcess, parse_sse, running_gateway, running_worker, wait_until
 

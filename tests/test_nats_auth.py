@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from infra.nats import AUTH_FILE, CONFIG_FILE, PUBLISHERS_FILE, mint_publisher
 from schemas import codec, subjects
 from schemas.inference import GenerateRequest, GenerationParams, StreamEnd, StreamError
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.runtime import NatsSettings, connect_nats
 from tests.helpers import NatsServer, running_gateway, running_worker, wait_until
 from tests.trainer.helpers import roots_for, running_trainer

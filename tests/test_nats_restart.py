@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from schemas import codec, subjects
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.dispatch.nats_client import connect
 from tests.helpers import NatsServer, parse_sse, running_gateway, running_paced_worker, wait_until
 

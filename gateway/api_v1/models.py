@@ -9,7 +9,7 @@ from quart import Blueprint, Response
 from gateway.core import GatewayCore
 from gateway.generation import resolve_model
 from gateway.http_errors import json_response
-from services.engine.registry import ModelSpec
+from services.models.registry import ModelSpec
 
 
 def model_summary(core: GatewayCore, model_id: str, spec: ModelSpec) -> dict[str, Any]:

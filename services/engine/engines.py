@@ -10,7 +10,7 @@ import msgspec
 
 from schemas.errors import CyError, ErrorCode
 from services.engine.base import Engine
-from services.engine.registry import ModelSpec
+from services.models.registry import ModelSpec
 
 ENGINES = ("transformers", "cpu-openvino", "cuda-vllm-async", "cuda-vllm", "cpu-vllm")
 

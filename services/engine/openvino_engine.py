@@ -33,7 +33,8 @@ from services.engine import grammar
 from services.engine import openvino_process as proc
 from services.engine.base import Engine, StepInbox, TokenStep
 from services.engine.engines import EngineOptions, openvino_weights
-from services.engine.registry import ModelSpec
+from services.models.files import ensure_openvino
+from services.models.registry import ModelSpec
 
 log = structlog.get_logger()
 
@@ -94,8 +95,6 @@ class OpenVinoEngine(Engine):
 
     def _prepare(self) -> None:
         from transformers import AutoTokenizer
-
-        from infra.model_files import ensure_openvino
 
         self.model_dir = ensure_openvino(self.spec, openvino_weights(self.options.openvino_precision))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)

@@ -73,7 +73,7 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not (Path(self.model_path) / "config.json").exists():
-            raise FileNotFoundError(f"no model at {self.model_path} (run `python -m infra.model_files`)")
+            raise FileNotFoundError(f"no model at {self.model_path} (run `python -m services.models`)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_DTYPES[self._dtype])
         self.model = model.to(self.device).eval()  # type: ignore[arg-type]

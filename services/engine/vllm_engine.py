@@ -41,7 +41,8 @@ from schemas.errors import CyError, ErrorCode
 from schemas.inference import FinishReason, GenerationParams
 from services.engine import vllm_tuning as tuning
 from services.engine.base import Engine, TokenStep
-from services.engine.registry import ModelSpec
+from services.models.files import ensure_model
+from services.models.registry import ModelSpec
 from services.runtime import load_settings
 
 if TYPE_CHECKING:
@@ -296,8 +297,6 @@ class VllmEngine(Engine):
 
     def _prepare_files(self) -> None:
         from transformers import AutoTokenizer
-
-        from infra.model_files import ensure_model
 
         try:
             ensure_model(self.spec)

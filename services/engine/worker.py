@@ -30,8 +30,9 @@ from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.engines import EngineOptions, build_engine, select_engine
-from services.engine.registry import ModelSpec, load_registry
 from services.engine.stops import StopMatcher
+from services.models.files import ensure_model
+from services.models.registry import ModelSpec, load_registry
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats, data_dir
 
 log = structlog.get_logger()
@@ -72,8 +73,6 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
 
 
 def _ensure_model_files(spec: ModelSpec) -> None:
-    from infra.model_files import ensure_model
-
     try:
         ensure_model(spec)
     except FileNotFoundError as exc:

@@ -52,7 +52,7 @@ from schemas.training import (
     job_decoder,
 )
 from services import streams
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer import datasets
 from services.trainer.datasets_store import DatasetStore
 from services.trainer.paths import Roots, confine

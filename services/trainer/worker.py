@@ -39,9 +39,10 @@ from schemas.training import (
 )
 from services import adapter_store, streams
 from services.discovery import add_training_service
-from services.engine.registry import Registry, load_registry
 from services.metrics import MetricsServer, TrainerMetrics
 from services.metrics import serve as serve_metrics
+from services.models.files import ensure_model
+from services.models.registry import Registry, load_registry
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
 from services.trainer import loop
 from services.trainer.jobs import JobService, now_ms
@@ -310,8 +311,6 @@ class Trainer:
         spec = self.registry.models.get(job.model_id)
         if spec is None:
             raise CyError(ErrorCode.MODEL_NOT_FOUND, f"model '{job.model_id}' is not in this trainer's registry")
-        from infra.model_files import ensure_model
-
         try:
             model_path = ensure_model(spec)
         except FileNotFoundError as exc:

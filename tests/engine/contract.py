@@ -17,8 +17,8 @@ from nats.aio.client import Client as NATS
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, StreamEnd, StreamError, TokenChunk
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from tests.dispatch.nats_client import Collected, submit
 from tests.helpers import NatsServer, parse_sse, running_gateway, wait_until
 

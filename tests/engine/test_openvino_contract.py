@@ -21,8 +21,8 @@ from nats.aio.client import Client as NATS
 
 from schemas.errors import ErrorCode
 from schemas.inference import GenerateRequest, StreamError
-from services.engine.registry import ModelSpec, Registry
 from services.engine.worker import Worker
+from services.models.registry import ModelSpec, Registry
 from tests.dispatch.nats_client import submit
 from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
 from tests.engine.contract import MODEL_ID, STORY, ask, chunks, end, request

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
-from services.engine.registry import Registry
 from services.engine.transformers_engine import TransformersEngine
+from services.models.registry import Registry
 from tests.helpers import wait_until
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
 from tests.engine.vllm_support import MODEL_ID, VLLM, engine_name, vllm_registry
 from tests.helpers import NatsServer, running_worker

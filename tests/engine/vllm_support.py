@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.registry import ModelSpec, Registry
+from services.models.registry import ModelSpec, Registry
 from tests.engine.contract import MODEL_ID  # one id for every engine's contract run
 from tests.helpers import real_model_dir
 

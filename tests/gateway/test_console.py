@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import API_KEY, Gateway, NatsServer

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from services.trainer.worker import DATASETS_CACHE
 from tests.helpers import Gateway, NatsServer, running_gateway, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from schemas import codec, subjects
 from schemas.workers import ServedModel, WorkerInfo
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import NatsServer, running_gateway, wait_until
 
 BODY = {"modelId": "tiny", "prompt": "hi", "generation": {"temperature": 0, "maxNewTokens": 4}}

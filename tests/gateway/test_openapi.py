@@ -16,7 +16,7 @@ from gateway.core import GatewayCore
 from gateway.openai import openapi as lite_openapi
 from gateway.openai.app import create_lite_app
 from gateway.settings import GatewaySettings
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import API_KEY
 
 # Probes whose non-200 answer is their own body, not an error: a load balancer reads it.

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.ratelimit import WINDOW_S, RateLimiter
 from schemas.errors import CyError, ErrorCode
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from tests.helpers import API_KEY, NatsServer, running_gateway, wait_until
 from tests.trainer.helpers import unique
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
 from tests.helpers import Gateway, NatsServer, parse_sse, wait_until

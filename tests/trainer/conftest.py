@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.jobs import JobService
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer

@@ -18,7 +18,7 @@ import nats
 
 from schemas import subjects
 from schemas.training import FINISHED, ListJobs, TrainingJob, job_decoder
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.jobs import JobService
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer, TrainerSettings

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer import datasets
 from services.trainer.datasets import IGNORE_INDEX, DatasetError
 

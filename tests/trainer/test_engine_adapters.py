@@ -17,8 +17,8 @@ from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from schemas.training import AdapterRecord
 from services import streams
 from services.engine.adapters import AdapterSync
-from services.engine.registry import Registry
 from services.engine.transformers_engine import TransformersEngine
+from services.models.registry import Registry
 from tests.helpers import NatsServer, wait_until
 from tests.trainer.helpers import unique
 

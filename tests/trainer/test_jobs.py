@@ -25,7 +25,7 @@ from schemas.training import (
     event_decoder,
     reply_decoder,
 )
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.jobs import JobService
 from services.trainer.paths import Roots
 from services.trainer.worker import Trainer

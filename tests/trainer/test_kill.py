@@ -10,7 +10,7 @@ import nats
 
 from schemas import subjects
 from schemas.training import HyperParams, LoraConfig, StartTraining, TrainingEvent, event_decoder
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.jobs import JobService
 from services.trainer.paths import Roots
 from tests.helpers import NatsServer
