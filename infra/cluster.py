@@ -9,7 +9,6 @@ home node first, so it fails over to a surviving node when its own dies.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.nats import nats_server_binary, wait_for_port, write_config
-from infra.up import _secret, stop_in_order
+from infra.shutdown import catch_stop_signals, stop_in_order
+from infra.up import _secret
 from services.runtime import data_dir
 
 
@@ -127,15 +127,8 @@ def main() -> int:
         f"[cluster] REST on :8081 and :8082 (X-API-Key {api_key}); kill a node with: kill <pid of its nats-server>",
         flush=True,
     )
-    stop = False
-
-    def on_signal(_s: int, _f: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not stop:
+    stop = catch_stop_signals()
+    while not stop.requested:
         time.sleep(0.5)
     stop_in_order(procs)
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -22,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.model_files import ensure_model
 from infra.nats import nats_server_binary, start_nats
-from services.engine.registry import load_registry
+from infra.shutdown import catch_stop_signals, stop_in_order
+from services.models.files import ensure_model
+from services.models.registry import load_registry
 from services.runtime import data_dir
 
 
@@ -167,14 +167,7 @@ def main() -> int:
         sup.start(f"trainer {tid}", [sys.executable, "-m", "services.trainer"], tenv, restart=True)
     sup.start("gateway", [sys.executable, "-m", "gateway"], env, restart=False)
 
-    stop = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = catch_stop_signals()
 
     port = env.get("CY_LLM_PORT", "8080")
     lite = env.get("CY_LLM_LITE_PORT", "8000")
@@ -198,7 +191,7 @@ def main() -> int:
         nats_url = env["CY_LLM_NATS_URL"]
         print(f"  NATS        {nats_url}   (publishers: python -m infra.nats mint-publisher NAME)\n", flush=True)
     code = 0
-    while not stop:
+    while not stop.requested:
         lost = sup.poll()
         if lost is not None:
             _say(f"{lost.name} exited; stopping the stack")
@@ -207,17 +200,6 @@ def main() -> int:
         time.sleep(0.5)
     stop_in_order(sup.processes())  # gateway first, nats-server last
     return code
-
-
-def stop_in_order(procs: list[subprocess.Popen[bytes]], timeout: float = 40) -> None:
-    """SIGTERM each process, last started first, waiting up to `timeout` for it to drain, then kill."""
-    for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 if __name__ == "__main__":

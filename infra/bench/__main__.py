@@ -355,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.out / time.strftime(f"bench-%Y%m%d-%H%M%S-{mode}")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from infra.model_files import ensure_model, ensure_openvino
     from services.engine.engines import openvino_weights
-    from services.engine.registry import load_registry
+    from services.models.files import ensure_model, ensure_openvino
+    from services.models.registry import load_registry
 
     resolved = load_registry().resolve("default")
     assert resolved is not None  # load_registry checks that the default model exists

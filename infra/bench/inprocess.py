@@ -22,7 +22,7 @@ from typing import Any
 from infra.bench._children import die_with_parent
 from infra.bench.workloads import Sample, TokenCounter, Workload, run_level
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
-from services.engine.registry import ModelSpec
+from services.models.registry import ModelSpec
 
 
 async def serve(spec: ModelSpec, model_id: str, workload: Workload, slots: int) -> None:
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=32)
     args = parser.parse_args()
 
-    from services.engine.registry import load_registry
+    from services.models.registry import load_registry
     from services.runtime import configure_logging
 
     configure_logging("bench-inprocess", level="warning")
