@@ -1,4 +1,5 @@
-"""What both HTTP apps share in one process: the NATS connection, the workers view, the registry."""
+"""What both HTTP apps share in one process: the NATS connection, the workers view, the registry, the inference
+client, the training jobs service and the datasets store."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from schemas import subjects
 from services import streams
 from services.models.registry import Registry, load_registry
 from services.runtime import Tasks, close_nats, connect_nats
+from services.trainer.datasets_store import DatasetStore
+from services.trainer.jobs import JobService
+from services.trainer.paths import Roots
 
 log = structlog.get_logger()
 
@@ -45,6 +49,8 @@ class GatewayCore:
         self.nc: NATS
         self.js: JetStreamContext
         self.inference: InferenceClient
+        self.training: JobService
+        self.datasets: DatasetStore
 
     async def start(self) -> None:
         self.nc = await connect_nats(
@@ -63,6 +69,9 @@ class GatewayCore:
             request_timeout=self.settings.request_timeout,
             link=self.link,
         )
+        roots = Roots.from_settings(self.settings.datasets_dir, self.settings.outputs_dir)
+        self.training = JobService(self.nc, self.registry, roots)
+        self.datasets = DatasetStore(self.js)
         self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
 
     async def _reensure(self) -> None:

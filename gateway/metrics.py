@@ -28,7 +28,6 @@ from services.metrics import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from gateway.core import GatewayCore
-    from services.trainer.jobs import JobService
 
 log = structlog.get_logger()
 
@@ -60,7 +59,6 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self._snapshot: list[GaugeMetricFamily] = []
-        self._jobs: JobService | None = None
         self.registry.register(_Snapshot(self))
 
     # --- HTTP ----------------------------------------------------------------------------------
@@ -172,15 +170,8 @@ class GatewayMetrics:
         return total, busy, free, healthy
 
     async def _training_jobs(self) -> GaugeMetricFamily:
-        from services.trainer.jobs import JobService
-        from services.trainer.paths import Roots
-
-        core = self._core
-        if self._jobs is None:
-            roots = Roots.from_settings(core.settings.datasets_dir, core.settings.outputs_dir)
-            self._jobs = JobService(core.nc, core.registry, roots)
         counts = dict.fromkeys(JOB_STATES, 0)
-        for job in await self._jobs.all_jobs():
+        for job in await self._core.training.all_jobs():
             counts[job.status] = counts.get(job.status, 0) + 1
         family = GaugeMetricFamily(
             "cy_llm:training_jobs", "Training jobs in the jobs bucket, by state", labels=["state"]

@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 from hypercorn.asyncio import serve as hypercorn_serve
 
-from gateway.app import create_api_app, hypercorn_config
+from gateway.api_v1.app import create_api_app
 from gateway.core import GatewayCore
+from gateway.openai.app import create_lite_app
+from gateway.server import hypercorn_config
 from gateway.settings import GatewaySettings
 from infra.nats import free_port, start_nats
 from services.engine.worker import Worker, WorkerSettings
@@ -163,15 +165,8 @@ async def running_gateway(nats_url: str, registry: Registry, **overrides: Any) -
     core = GatewayCore(settings, registry=registry)
     await core.start()
     stop = asyncio.Event()
-    apps: list[tuple[Any, int]] = [(create_api_app(core), settings.port)]
-    lite_url = None
-    try:
-        from gateway.openai.app import create_lite_app
-    except ImportError:
-        pass
-    else:
-        apps.append((create_lite_app(core), settings.lite_port))
-        lite_url = f"http://127.0.0.1:{settings.lite_port}/v1"
+    apps: list[tuple[Any, int]] = [(create_api_app(core), settings.port), (create_lite_app(core), settings.lite_port)]
+    lite_url = f"http://127.0.0.1:{settings.lite_port}/v1"
     tasks = [
         asyncio.create_task(
             hypercorn_serve(

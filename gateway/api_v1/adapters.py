@@ -10,23 +10,11 @@ from __future__ import annotations
 import msgspec
 from quart import Blueprint, Response
 
+from gateway.api_v1.protocol import AdapterDeleted, DeletedAdapter
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from schemas.errors import CyError, ErrorCode
 from services import adapter_store
-
-
-class DeletedAdapter(msgspec.Struct, kw_only=True, rename="camel"):
-    model_id: str
-    job_id: str
-    object: str
-
-
-class AdapterDeleted(msgspec.Struct, kw_only=True, rename="camel"):
-    """The answer to DELETE /adapters/{name}: the records deleted, one per base model that had it."""
-
-    name: str
-    deleted: list[DeletedAdapter]
 
 
 def make_blueprint(core: GatewayCore) -> Blueprint:

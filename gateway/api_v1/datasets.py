@@ -7,16 +7,15 @@ apps (this one and /v1/files) their own limit, `CY_LLM_MAX_DATASET_BYTES`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from quart import Blueprint, Request, Response, request
 
 from gateway.api_v1.training import iso
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from schemas.errors import invalid
-from services.trainer.datasets_store import DatasetInfo, DatasetStore
+from services.trainer.datasets_store import DatasetInfo
 
 # Content types of a raw (non-multipart) upload body; any other is refused, so a form post is never
 # mistaken for a dataset.
@@ -75,40 +74,27 @@ def dataset_view(info: DatasetInfo) -> dict[str, Any]:
     }
 
 
-def lazy_store(core: GatewayCore) -> Callable[[], DatasetStore]:
-    """The datasets store, built on first use: the NATS connection exists only once the core has started."""
-    holder: list[DatasetStore] = []
-
-    def store() -> DatasetStore:
-        if not holder:
-            holder.append(DatasetStore(core.js))
-        return holder[0]
-
-    return store
-
-
 def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("datasets", __name__)
-    store = lazy_store(core)
 
     @bp.post("/datasets")
     async def upload() -> Response:
         data, name, _ = await read_upload()
-        info = await store().put(data, name)
+        info = await core.datasets.put(data, name)
         return json_response(dataset_view(info), status=201)
 
     @bp.get("/datasets")
     async def list_datasets() -> Response:
-        found = await store().list()
+        found = await core.datasets.list()
         return json_response({"datasets": [dataset_view(d) for d in found], "total": len(found)})
 
     @bp.get("/datasets/<dataset_id>")
     async def get_dataset(dataset_id: str) -> Response:
-        return json_response(dataset_view(await store().info(dataset_id)))
+        return json_response(dataset_view(await core.datasets.info(dataset_id)))
 
     @bp.delete("/datasets/<dataset_id>")
     async def delete_dataset(dataset_id: str) -> Response:
-        info = await store().delete(dataset_id)
+        info = await core.datasets.delete(dataset_id)
         return json_response({"id": info.dataset_id, "object": "dataset", "deleted": True})
 
     return bp

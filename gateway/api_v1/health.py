@@ -9,7 +9,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 
 
 def _iso(dt: datetime) -> str:

@@ -10,10 +10,11 @@ from typing import Any
 import structlog
 from quart import Blueprint, Response, request
 
+from gateway.api_v1.errors import decode_body, envelope
 from gateway.api_v1.protocol import InferenceBody
 from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S, Outcome, complete, new_trace_id, resolve_model, streaming
-from gateway.http_errors import decode_body, envelope, json_response
+from gateway.http_json import json_response
 from gateway.ratelimit import RateLimiter
 from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
 from schemas.errors import CyError, ErrorCode

@@ -8,7 +8,7 @@ from quart import Blueprint, Response
 
 from gateway.core import GatewayCore
 from gateway.generation import resolve_model
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from services.models.registry import ModelSpec
 
 

@@ -1,13 +1,11 @@
-"""The OpenAPI 3.1 document of /api/v1: the paths table, written here; the schemas, generated from protocol.py
-and the training bodies. Served at GET /api/v1/openapi.json, rendered at GET /api/v1/docs (no X-API-Key)."""
+"""The OpenAPI 3.1 document of /api/v1: the paths table, written here; the schemas, generated from protocol.py.
+Served at GET /api/v1/openapi.json, rendered at GET /api/v1/docs (no X-API-Key)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gateway.api_v1 import protocol as p
-from gateway.api_v1.adapters import AdapterDeleted
-from gateway.api_v1.training import StartBody
 from gateway.openapi import (
     binary,
     document,
@@ -122,7 +120,7 @@ def _paths() -> dict[str, Any]:
                 "models",
                 "deleteAdapter",
                 {
-                    "200": json_content(AdapterDeleted, "The records deleted (every worker unloads the adapter)."),
+                    "200": json_content(p.AdapterDeleted, "The records deleted (every worker unloads the adapter)."),
                     **errors(
                         p.ErrorEnvelope,
                         {404: "No trained adapter of that name (`MODEL_NOT_FOUND`); registry adapters included."},
@@ -177,7 +175,7 @@ def _paths() -> dict[str, Any]:
                         common=_AUTH,
                     ),
                 },
-                requestBody=json_body(StartBody),
+                requestBody=json_body(p.StartBody),
             )
         },
         f"{PREFIX}/datasets": {
@@ -372,13 +370,13 @@ def build_document() -> dict[str, Any]:
         paths=paths,
         types=[
             p.InferenceBody,
-            StartBody,
+            p.StartBody,
             p.ErrorEnvelope,
             p.InferenceResponse,
             p.InferenceChunk,
             p.ModelList,
             p.ModelDetail,
-            AdapterDeleted,
+            p.AdapterDeleted,
             p.Health,
             p.HealthDetails,
             p.TrainingStarted,

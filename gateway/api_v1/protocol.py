@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import functools
+import operator
+import types
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from schemas.errors import ErrorCode, ErrorDetail
 from schemas.inference import GenerationParams, Metadata
-from schemas.training import EventKind, JobStatus
+from schemas.training import EventKind, HyperParams, JobStatus, LoraConfig, StartTraining
 
 _ID = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -65,6 +68,32 @@ class InferenceBody(msgspec.Struct, kw_only=True, rename="camel"):
     worker_hint: _ID = ""
     # By default the prompt is sent as one user turn through the model's chat template.
     raw_prompt: bool = False
+
+
+# --- /training request bodies: camelCase twins derived from the snake_case wire structs (the spec's gRPC
+# names), so that defaults and limits are written once ------------------------------------------------
+def _camel(cls: type[msgspec.Struct], swap: dict[Any, Any]) -> type[msgspec.Struct]:
+    """`cls` with camelCase names (nested structs swapped through `swap`), rejecting unknown fields."""
+
+    def swapped(tp: Any) -> Any:
+        if isinstance(tp, types.UnionType):
+            return functools.reduce(operator.or_, [swapped(a) for a in tp.__args__])
+        return swap.get(tp, tp)
+
+    fields: list[tuple[Any, ...]] = []
+    for f in msgspec.structs.fields(cls):
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, swapped(f.type), f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, swapped(f.type), msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, swapped(f.type)))
+    return msgspec.defstruct(f"{cls.__name__}Body", fields, kw_only=True, rename="camel", forbid_unknown_fields=True)
+
+
+HyperParamsBody = _camel(HyperParams, {})
+LoraConfigBody = _camel(LoraConfig, {})
+StartBody = _camel(StartTraining, {HyperParams: HyperParamsBody, LoraConfig: LoraConfigBody})
 
 
 # --- Response shapes ------------------------------------------------------------------------------------
@@ -209,6 +238,19 @@ class ModelConfig(msgspec.Struct, kw_only=True, rename="camel"):
 class ModelDetail(ModelSummary, kw_only=True, rename="camel"):
     model_path: str
     config: ModelConfig
+
+
+class DeletedAdapter(msgspec.Struct, kw_only=True, rename="camel"):
+    model_id: str
+    job_id: str
+    object: str
+
+
+class AdapterDeleted(msgspec.Struct, kw_only=True, rename="camel"):
+    """The answer to DELETE /adapters/{name}: the records deleted, one per base model that had it."""
+
+    name: str
+    deleted: list[DeletedAdapter]
 
 
 class TrainingStarted(msgspec.Struct, kw_only=True, rename="camel"):

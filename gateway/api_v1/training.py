@@ -1,16 +1,12 @@
 """/api/v1/training: start, status, cancel, pause, resume, list, and the progress events (SSE).
 
-The routes call the TrainingService (services/trainer/jobs.py) in-process: the job record in the
+The routes call the gateway core's JobService (services/trainer/jobs.py) in-process: the job record in the
 JetStream KV bucket is the source of truth, so every route works while the trainers are busy or down.
-Wire structs are snake_case (the spec's gRPC names); their camelCase HTTP twins are derived from them
-here, so defaults and limits are written once.
+The request bodies are in protocol.py (derived from the snake_case wire structs).
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-import types
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -21,8 +17,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from quart import Blueprint, Response, request
 
+from gateway.api_v1 import protocol as p
+from gateway.api_v1.errors import decode_body
 from gateway.core import GatewayCore
-from gateway.http_errors import decode_body, json_response
+from gateway.http_json import json_response
 from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_response
 from schemas import subjects
 from schemas.errors import CyError, invalid
@@ -30,9 +28,7 @@ from schemas.training import (
     FINISHED,
     JOB_STATUSES,
     TERMINAL_EVENTS,
-    HyperParams,
     ListJobs,
-    LoraConfig,
     Progress,
     StartTraining,
     TrainingEvent,
@@ -40,34 +36,8 @@ from schemas.training import (
     event_decoder,
 )
 from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
 
 log = structlog.get_logger()
-
-
-# --- camelCase bodies derived from the wire structs ------------------------------------------------
-def _camel(cls: type[msgspec.Struct], swap: dict[Any, Any]) -> type[msgspec.Struct]:
-    """`cls` with camelCase names (nested structs swapped through `swap`), rejecting unknown fields."""
-
-    def swapped(tp: Any) -> Any:
-        if isinstance(tp, types.UnionType):
-            return functools.reduce(operator.or_, [swapped(a) for a in tp.__args__])
-        return swap.get(tp, tp)
-
-    fields: list[tuple[Any, ...]] = []
-    for f in msgspec.structs.fields(cls):
-        if f.default is not msgspec.NODEFAULT:
-            fields.append((f.name, swapped(f.type), f.default))
-        elif f.default_factory is not msgspec.NODEFAULT:
-            fields.append((f.name, swapped(f.type), msgspec.field(default_factory=f.default_factory)))
-        else:
-            fields.append((f.name, swapped(f.type)))
-    return msgspec.defstruct(f"{cls.__name__}Body", fields, kw_only=True, rename="camel", forbid_unknown_fields=True)
-
-
-HyperParamsBody = _camel(HyperParams, {})
-LoraConfigBody = _camel(LoraConfig, {})
-StartBody = _camel(StartTraining, {HyperParams: HyperParamsBody, LoraConfig: LoraConfigBody})
 
 
 # --- JSON views --------------------------------------------------------------------------------
@@ -200,22 +170,14 @@ def _list_query() -> ListJobs:
 
 def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("training", __name__)
-    holder: list[JobService] = []
-
-    def service() -> JobService:
-        # Built on first use: the NATS connection exists only once the core has started.
-        if not holder:
-            roots = Roots.from_settings(core.settings.datasets_dir, core.settings.outputs_dir)
-            holder.append(JobService(core.nc, core.registry, roots))
-        return holder[0]
 
     @bp.post("/training/start")
     async def start() -> Response:
         data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
-        body = decode_body(data, StartBody)
+        body = decode_body(data, p.StartBody)
         req = msgspec.convert(body, StartTraining, from_attributes=True)
         try:
-            job = await service().start(req)
+            job = await core.training.start(req)
         except CyError as exc:
             log.info("training_start_refused", code=exc.code.value, error=exc.body.message)
             raise
@@ -225,33 +187,33 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.get("/training/status/<job_id>")
     async def status(job_id: str) -> Response:
-        return json_response(status_view(await service().get(job_id)))
+        return json_response(status_view(await core.training.get(job_id)))
 
     @bp.post("/training/cancel/<job_id>")
     async def cancel(job_id: str) -> Response:
-        return json_response(short_view(await service().cancel(job_id)))
+        return json_response(short_view(await core.training.cancel(job_id)))
 
     @bp.post("/training/pause/<job_id>")
     async def pause(job_id: str) -> Response:
-        job = await service().pause(job_id)
+        job = await core.training.pause(job_id)
         # 202: the pause was asked for but the trainer has not checkpointed yet (a long step).
         return json_response(short_view(job), status=200 if job.status == "paused" else 202)
 
     @bp.post("/training/resume/<job_id>")
     async def resume(job_id: str) -> Response:
-        return json_response(short_view(await service().resume(job_id)))
+        return json_response(short_view(await core.training.resume(job_id)))
 
     @bp.get("/training/list")
     async def list_jobs() -> Response:
         query = _list_query()
-        jobs, total = await service().list(query)
+        jobs, total = await core.training.list(query)
         return json_response(
             {"jobs": [summary_view(j) for j in jobs], "total": total, "limit": query.limit, "offset": query.offset}
         )
 
     @bp.get("/training/events/<job_id>")
     async def events(job_id: str) -> Response:
-        svc = service()
+        svc = core.training
         job = await svc.get(job_id)
         follow = request.args.get("follow", "true").lower() not in ("0", "false", "no")
         after = _resume_point()

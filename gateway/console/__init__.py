@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from quart import Quart
 
-from gateway.http_errors import envelope
+from gateway.api_v1.errors import envelope
 from schemas.errors import CyError, ErrorCode
 
 PREFIX = "/console"

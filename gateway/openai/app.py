@@ -7,9 +7,9 @@ import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway.api_v1.datasets import lazy_store, upload_request_class
+from gateway.api_v1.datasets import upload_request_class
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from gateway.openai import completions, files, fine_tuning, health, models, openapi
 from gateway.openai.auth import require_bearer
 from gateway.openai.errors import error_response, openai_error
@@ -31,7 +31,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
     core.metrics.install(app, "openai")
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
-    app.register_blueprint(files.make_blueprint(core, lazy_store(core)), url_prefix="/v1")
+    app.register_blueprint(files.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(fine_tuning.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(health.make_blueprint(core))
     app.register_blueprint(

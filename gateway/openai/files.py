@@ -6,16 +6,15 @@ rows as OpenAI documents them, or Alpaca rows), so a file that is listed is alwa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from quart import Blueprint, Response, request
 
 from gateway.api_v1.datasets import read_upload
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from gateway.openai.errors import bad_request
-from services.trainer.datasets_store import DatasetInfo, DatasetStore
+from services.trainer.datasets_store import DatasetInfo
 
 PURPOSE = "fine-tune"
 
@@ -43,7 +42,7 @@ def _limit() -> int:
     return int(raw)
 
 
-def make_blueprint(core: GatewayCore, store: Callable[[], DatasetStore]) -> Blueprint:
+def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("openai_files", __name__)
 
     @bp.post("/files")
@@ -56,12 +55,12 @@ def make_blueprint(core: GatewayCore, store: Callable[[], DatasetStore]) -> Blue
                 f"Invalid value for 'purpose': '{purpose}'. Only '{PURPOSE}' files are supported here.",
                 code="invalid_value" if purpose else "missing_required_parameter",
             )
-        return json_response(file_object(await store().put(data, name)))
+        return json_response(file_object(await core.datasets.put(data, name)))
 
     @bp.get("/files")
     async def list_files() -> Response:
         purpose = request.args.get("purpose", "")
-        found = [] if purpose and purpose != PURPOSE else await store().list()
+        found = [] if purpose and purpose != PURPOSE else await core.datasets.list()
         if request.args.get("order", "desc") == "asc":
             found.reverse()
         after = request.args.get("after", "")
@@ -82,16 +81,16 @@ def make_blueprint(core: GatewayCore, store: Callable[[], DatasetStore]) -> Blue
 
     @bp.get("/files/<file_id>")
     async def retrieve_file(file_id: str) -> Response:
-        return json_response(file_object(await store().info(file_id, field="file_id")))
+        return json_response(file_object(await core.datasets.info(file_id, field="file_id")))
 
     @bp.delete("/files/<file_id>")
     async def delete_file(file_id: str) -> Response:
-        info = await store().delete(file_id, field="file_id")
+        info = await core.datasets.delete(file_id, field="file_id")
         return json_response({"id": info.dataset_id, "object": "file", "deleted": True})
 
     @bp.get("/files/<file_id>/content")
     async def file_content(file_id: str) -> Response:
-        info, data = await store().read(file_id, field="file_id")
+        info, data = await core.datasets.read(file_id, field="file_id")
         content_type = "application/json" if info.format == "json" else "application/jsonl"
         return Response(data, content_type=content_type)
 

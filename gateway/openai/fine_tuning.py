@@ -20,13 +20,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from quart import Blueprint, Response, request
 
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from gateway.openai.errors import bad_request, decode_request
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 from schemas.training import HyperParams, ListJobs, StartTraining, TrainingEvent, TrainingJob, event_decoder
 from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
 
 BASE_LEARNING_RATE = HyperParams().learning_rate
 _STATUS = {"completed": "succeeded"}
@@ -157,49 +156,42 @@ def _page(items: list[dict[str, Any]], after: str, limit: int) -> dict[str, Any]
 
 def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("openai_fine_tuning", __name__)
-    holder: list[JobService] = []
-
-    def service() -> JobService:
-        if not holder:  # the NATS connection exists only once the core has started
-            roots = Roots.from_settings(core.settings.datasets_dir, core.settings.outputs_dir)
-            holder.append(JobService(core.nc, core.registry, roots))
-        return holder[0]
 
     @bp.post("/fine_tuning/jobs")
     async def create() -> Response:
         data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
         body = decode_request(data, CreateJob)
         try:
-            job = await service().start(_start_request(body))
+            job = await core.training.start(_start_request(body))
         except CyError as exc:
             raise _as_openai(exc) from None
         return json_response(job_object(job))
 
     @bp.get("/fine_tuning/jobs")
     async def list_jobs() -> Response:
-        jobs, _ = await service().list(ListJobs(limit=1000))
+        jobs, _ = await core.training.list(ListJobs(limit=1000))
         limit = _int_arg("limit", 20, 1000)
         return json_response(_page([job_object(j) for j in jobs], request.args.get("after", ""), limit))
 
     @bp.get("/fine_tuning/jobs/<job_id>")
     async def retrieve(job_id: str) -> Response:
-        return json_response(job_object(await service().get(job_id)))
+        return json_response(job_object(await core.training.get(job_id)))
 
     @bp.post("/fine_tuning/jobs/<job_id>/cancel")
     async def cancel(job_id: str) -> Response:
-        return json_response(job_object(await service().cancel(job_id)))
+        return json_response(job_object(await core.training.cancel(job_id)))
 
     @bp.post("/fine_tuning/jobs/<job_id>/pause")
     async def pause(job_id: str) -> Response:
-        return json_response(job_object(await service().pause(job_id)))
+        return json_response(job_object(await core.training.pause(job_id)))
 
     @bp.post("/fine_tuning/jobs/<job_id>/resume")
     async def resume(job_id: str) -> Response:
-        return json_response(job_object(await service().resume(job_id)))
+        return json_response(job_object(await core.training.resume(job_id)))
 
     @bp.get("/fine_tuning/jobs/<job_id>/events")
     async def events(job_id: str) -> Response:
-        svc = service()
+        svc = core.training
         job = await svc.get(job_id)
         limit = _int_arg("limit", 20, 10_000)
         stored = await _stored_events(core, svc, job)

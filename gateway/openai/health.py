@@ -8,7 +8,7 @@ from __future__ import annotations
 from quart import Blueprint, Response
 
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 
 
 def make_blueprint(core: GatewayCore) -> Blueprint:

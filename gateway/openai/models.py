@@ -7,7 +7,7 @@ from typing import Any
 from quart import Blueprint, Response
 
 from gateway.core import GatewayCore
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from gateway.openai.translate import resolve_target
 
 

@@ -11,7 +11,7 @@ import pytest
 from quart import Quart
 
 from gateway.api_v1 import openapi as rest_openapi
-from gateway.app import create_api_app
+from gateway.api_v1.app import create_api_app
 from gateway.core import GatewayCore
 from gateway.openai import openapi as lite_openapi
 from gateway.openai.app import create_lite_app

@@ -1,23 +1,20 @@
-"""The Quart apps and the process that serves them (hypercorn), sharing one GatewayCore."""
+"""create_api_app(): the spec's REST API under /api/v1 (port 8080), its OpenAPI document and docs page, /metrics
+and the web console."""
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 import structlog
-from hypercorn.asyncio import serve as hypercorn_serve
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import console
 from gateway.api_v1 import adapters, datasets, health, inference, models, openapi, training
 from gateway.api_v1.auth import require_api_key
+from gateway.api_v1.errors import envelope, error_response
 from gateway.core import GatewayCore
-from gateway.http_errors import envelope, error_response
 from gateway.openapi import docs_blueprint
-from gateway.server import harden, hypercorn_config, refuse_empty_segments, sent_path
-from gateway.settings import GatewaySettings
+from gateway.server import harden, refuse_empty_segments, sent_path
 from schemas.errors import CyError, ErrorCode
 
 log = structlog.get_logger()
@@ -84,42 +81,3 @@ def create_api_app(core: GatewayCore) -> Quart:
 
     console.mount(app)  # the web console's static files at /console/ (no key to load; its API calls send one)
     return app
-
-
-async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    """Serve /api/v1 and /v1 until `stop` is set; then refuse new work and let open streams finish."""
-    if not settings.api_key:
-        raise SystemExit("CY_LLM_API_KEY is not set: the gateway never runs without authentication")
-    core = GatewayCore(settings)
-    await core.start()
-    apps = [(create_api_app(core), settings.port)]
-    try:
-        from gateway.openai.app import create_lite_app
-    except ImportError:
-        pass
-    else:
-        apps.append((create_lite_app(core), settings.lite_port))
-
-    async def shutdown_trigger() -> None:
-        await stop.wait()
-        log.info("gateway_draining", open_requests=core.open_requests)
-        await core.drain(settings.drain_timeout)
-
-    log.info(
-        "gateway_listening",
-        api=f"http://{settings.host}:{settings.port}/api/v1",
-        lite=f"http://{settings.host}:{settings.lite_port}/v1" if len(apps) > 1 else None,
-    )
-    try:
-        await asyncio.gather(
-            *(
-                hypercorn_serve(
-                    app,
-                    hypercorn_config(settings.host, port),  # type: ignore[arg-type]
-                    shutdown_trigger=shutdown_trigger,
-                )
-                for app, port in apps
-            )
-        )
-    finally:
-        await core.close()
