@@ -13,7 +13,7 @@ import structlog
 from gateway.core import GatewayCore
 from gateway.nats_client import ReplyStream
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import Accepted, GenerateRequest, StreamEnd, StreamError, TokenChunk
+from schemas.inference import Accepted, GenerateRequest, StreamEnd, StreamError, TokenChunk, TokenLogprob
 
 log = structlog.get_logger()
 
@@ -56,6 +56,7 @@ class Outcome:
     """What one request produced (for the response body and the canonical log line)."""
 
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -72,6 +73,7 @@ class Outcome:
                 if self.ttft_ms is None:
                     self.ttft_ms = (time.monotonic() - self.started) * 1000
                 self.text.append(reply.chunk)
+                self.logprobs.extend(reply.logprobs)
                 if reply.finish_reason:
                     self.finish_reason = reply.finish_reason
             case StreamEnd():

@@ -6,7 +6,7 @@ default so older payloads keep decoding (see tests/schemas/test_evolution.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -32,6 +32,10 @@ class GenerationParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_
     # Omitted when empty, so requests without it still decode on workers that predate it; a worker that
     # predates it refuses a request that sets it (unknown field) instead of generating free text.
     json_schema: str = ""
+    # Log probabilities of the sampled tokens (from the model's raw distribution, before temperature and
+    # penalties), with the `top_logprobs` most likely alternatives of each position.
+    logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] = 0
 
 
 class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -43,9 +47,40 @@ class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
     locale: str = ""
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class ToolFunction(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A function the model may call: OpenAI's `tools[].function` (`parameters` is a JSON Schema)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class ToolCallFunction(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A call an assistant turn made (sent back in the conversation that follows)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One turn. `tool_calls` on assistant turns; role "tool" turns answer the call `tool_call_id`."""
+
     role: str
     content: str
+    tool_calls: list[ToolCall] = []
+    tool_call_id: str = ""
+    name: str = ""
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -59,6 +94,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     model_id: str
     prompt: str = ""
     messages: list[ChatMessage] | None = None
+    # Functions the chat template presents to the model (OpenAI `tools`); the reply is the raw text, in the
+    # template's tool-call format (`<tool_call>{...}</tool_call>` for templates without one).
+    tools: list[Tool] = []
     adapter: str = ""
     priority: int = 0
     generation: GenerationParams = msgspec.field(default_factory=GenerationParams)
@@ -78,8 +116,28 @@ class Accepted(msgspec.Struct, tag="accepted", kw_only=True):
     prompt_tokens: int
 
 
+class TopLogprob(msgspec.Struct, array_like=True):
+    """One alternative at a position: [token_id, token text, logprob]."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The log probability of one generated token and the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    token: str = ""
+    top: list[TopLogprob] = []
+
+
 class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True, omit_defaults=True):
-    """`stream_chunk_size` tokens of generated text. `index` counts chunks from 0 so gaps show."""
+    """`stream_chunk_size` tokens of generated text. `index` counts chunks from 0 so gaps show.
+
+    `logprobs` (when the request asked for them): one entry per token counted in `token_count`.
+    """
 
     trace_id: str
     chunk: str
@@ -87,6 +145,7 @@ class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True, omit_defaults=True):
     token_count: int = 0
     end_of_stream: bool = False
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = []
 
 
 class StreamEnd(msgspec.Struct, tag="end", kw_only=True):

@@ -5,133 +5,25 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
 
 import structlog
 from quart import Blueprint, Response, request
 
 from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S
-from gateway.http_errors import json_response
+from gateway.http_json import json_response
 from gateway.openai.auth import bearer_token
+from gateway.openai.bodies import ChatChunks, Chunks, TextChunks, chat_body, completion_body
 from gateway.openai.choices import Choices
 from gateway.openai.errors import decode_request, error_body
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.openai.translate import Plan, finish_reason, plan_chat, plan_completion
+from gateway.openai.translate import Plan, plan_chat, plan_completion
 from gateway.ratelimit import RateLimiter
 from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import StreamEnd, TokenChunk
 
 log = structlog.get_logger()
-
-
-# --- response shapes ---------------------------------------------------------------------------------------
-
-
-class Chunks(Protocol):
-    """The SSE chunk shapes of one endpoint."""
-
-    def opening(self, i: int) -> dict[str, Any] | None: ...
-    def content(self, i: int, text: str) -> dict[str, Any]: ...
-    def finish(self, i: int, reason: str) -> dict[str, Any]: ...
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]: ...
-
-
-class _Chunks:
-    object = ""
-
-    def __init__(self, plan: Plan, created: int) -> None:
-        self.plan = plan
-        self.created = created
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.plan.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.plan.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if self.plan.include_usage:
-            out["usage"] = None  # as OpenAI: null on every chunk but the last one
-        return out
-
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._chunk([]), "usage": usage}
-
-
-class ChatChunks(_Chunks):
-    object = "chat.completion.chunk"
-
-    def _delta(self, i: int, delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        return self._chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
-
-    def opening(self, i: int) -> dict[str, Any]:
-        return self._delta(i, {"role": "assistant", "content": ""})
-
-    def content(self, i: int, text: str) -> dict[str, Any]:
-        return self._delta(i, {"content": text})
-
-    def finish(self, i: int, reason: str) -> dict[str, Any]:
-        return self._delta(i, {}, reason)
-
-
-class TextChunks(_Chunks):
-    object = "text_completion"  # OpenAI streams legacy completions with the same object name
-
-    def _text(self, i: int, text: str, reason: str | None = None) -> dict[str, Any]:
-        return self._chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": reason}])
-
-    def opening(self, i: int) -> dict[str, Any] | None:
-        return self._text(i, self.plan.echo[i]) if self.plan.echo else None
-
-    def content(self, i: int, text: str) -> dict[str, Any]:
-        return self._text(i, text)
-
-    def finish(self, i: int, reason: str) -> dict[str, Any]:
-        return self._text(i, "", reason)
-
-
-def chat_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
-    return {
-        "id": plan.id,
-        "object": "chat.completion",
-        "created": created,
-        "model": plan.model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(o.text), "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason(o.finish_reason),
-            }
-            for i, o in enumerate(choices.outcomes)
-        ],
-        "usage": choices.usage(plan.n),
-    }
-
-
-def completion_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
-    return {
-        "id": plan.id,
-        "object": "text_completion",
-        "created": created,
-        "model": plan.model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "text": (plan.echo[i] if plan.echo else "") + "".join(o.text),
-                "logprobs": None,
-                "finish_reason": finish_reason(o.finish_reason),
-            }
-            for i, o in enumerate(choices.outcomes)
-        ],
-        "usage": choices.usage(plan.n),
-    }
 
 
 # --- running a plan ----------------------------------------------------------------------------------------
@@ -236,10 +128,12 @@ async def _events(
                 yield SSE_KEEPALIVE
                 continue
             i, reply = item
-            if isinstance(reply, TokenChunk) and reply.chunk:
-                yield sse_event(chunks.content(i, reply.chunk))
+            if isinstance(reply, TokenChunk):
+                for chunk in chunks.content(i, reply):
+                    yield sse_event(chunk)
             elif isinstance(reply, StreamEnd):
-                yield sse_event(chunks.finish(i, finish_reason(reply.finish_reason)))
+                for chunk in chunks.finish(i, reply.finish_reason):
+                    yield sse_event(chunk)
         if plan.include_usage:
             yield sse_event(chunks.usage(choices.usage(plan.n)))
     except CyError as exc:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 from quart import Response
 
-from gateway.http_errors import json_response, unreadable_json
+from gateway.http_json import json_response, unreadable_json
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 
 T = TypeVar("T")

@@ -3,7 +3,7 @@
 Every field OpenAI documents for these endpoints is declared, so an unknown field is a typo or a feature
 this server does not have: the decoder refuses it (400) instead of ignoring it. Fields the engine cannot
 honour are declared loosely (`Any`) and refused with a clear 400 by `translate.refuse_unsupported` unless
-they hold their "off" value (clients such as LangChain send `logprobs: false`, `tools: []` ...).
+they hold their "off" value (clients such as LangChain send `logit_bias: {}`, `functions: []` ...).
 """
 
 from __future__ import annotations
@@ -38,17 +38,59 @@ class ContentPart(msgspec.Struct, kw_only=True):
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+FunctionName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")]
+
+
+class MessageToolCallFunction(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(msgspec.Struct, kw_only=True):
+    """A tool call of an earlier assistant turn, sent back with the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: MessageToolCallFunction
 
 
 class Message(msgspec.Struct, kw_only=True):
     role: Role
     content: str | list[ContentPart] | None = None
-    # Accepted (LangChain, AutoGen send it); chat templates have no slot for it, so it does not change the prompt.
+    # Accepted (LangChain, AutoGen send it); passed to the chat template for "tool" turns.
     name: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[MessageToolCall] | None = None
     function_call: Any = None
     tool_call_id: str | None = None
     refusal: str | None = None
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: FunctionName
+    description: str | None = None
+    # The arguments' JSON Schema (none: a function without arguments).
+    parameters: dict[str, Any] | None = None
+    # Accepted; forced calls (tool_choice "required" or named) follow the schema either way.
+    strict: bool | None = None
+
+
+class ToolDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`{"type": "function", "function": {"name": ...}}`: call this function (constrained decoding)."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class JsonSchemaFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -112,12 +154,15 @@ class ChatCompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True)
     prompt_cache_retention: str | None = None
     prompt_cache_options: Any = None
     safety_identifier: str | None = None
+    # Tool calling: tools the model may call; tool_choice "none" | "auto" (default with tools) | "required"
+    # | a named function (the last two by constrained decoding); parallel_tool_calls false: at most one call.
+    tools: Annotated[list[ToolDefinition], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Log probabilities of the generated tokens and the top_logprobs most likely alternatives per token.
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     # Recognised, refused unless "off".
-    logprobs: Any = None
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -135,8 +180,9 @@ class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
     prompt: Any
     max_tokens: MaxTokens | None = None
     echo: bool | None = None
+    # The log probabilities of each generated token and of this many most likely alternatives (0..20).
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | bool | None = None
     # Recognised, refused unless "off".
-    logprobs: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -166,19 +212,53 @@ class Usage(msgspec.Struct, kw_only=True):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class ResponseToolCallFunction(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["function"]
+    function: ResponseToolCallFunction
 
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
+    """`content` is null when the answer is only tool calls."""
+
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    refusal: None
+    tool_calls: list[ResponseToolCall] | msgspec.UnsetType = msgspec.UNSET
+
+
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(msgspec.Struct, kw_only=True):
+    """One generated token: its text, log probability, UTF-8 bytes, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprob] | None
     refusal: None
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -192,10 +272,20 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     usage: Usage
 
 
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    """The legacy completions shape: per generated token its text, log probability, the `logprobs` most
+    likely alternatives ({token: logprob}) and its character offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class TextChoice(msgspec.Struct, kw_only=True):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -212,15 +302,31 @@ class Completion(msgspec.Struct, kw_only=True):
     usage: Usage | msgspec.UnsetType | None = msgspec.UNSET
 
 
+class DeltaToolCallFunction(msgspec.Struct, kw_only=True):
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    arguments: str
+
+
+class DeltaToolCall(msgspec.Struct, kw_only=True):
+    """A tool call streamed in pieces: the first delta of call `index` has its id, type and name; the
+    `arguments` of all its deltas concatenate to the JSON text."""
+
+    index: int
+    id: str | msgspec.UnsetType = msgspec.UNSET
+    type: Literal["function"] | msgspec.UnsetType = msgspec.UNSET
+    function: DeltaToolCallFunction
+
+
 class ChatDelta(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] | msgspec.UnsetType = msgspec.UNSET
     content: str | msgspec.UnsetType = msgspec.UNSET
+    tool_calls: list[DeltaToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 

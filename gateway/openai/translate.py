@@ -6,6 +6,7 @@ repetition_penalty 1.0); /v1/completions shares them except max_tokens, which is
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,18 +15,30 @@ import msgspec
 
 from gateway.core import GatewayCore
 from gateway.generation import new_trace_id
+from gateway.openai import tool_calls
 from gateway.openai.errors import bad_request
 from gateway.openai.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     Message,
+    NamedToolChoice,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     _Sampling,
 )
+from gateway.openai.tool_calls import ToolPlan
 from schemas.errors import CyError, ErrorCode, ErrorDetail
-from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, Metadata
+from schemas.inference import (
+    ChatMessage,
+    GenerateRequest,
+    GenerationParams,
+    Metadata,
+    Tool,
+    ToolCall,
+    ToolCallFunction,
+    ToolFunction,
+)
 
 CHAT_MAX_TOKENS = 256
 COMPLETION_MAX_TOKENS = 16
@@ -45,6 +58,8 @@ class Plan:
     stream: bool
     include_usage: bool
     echo: list[str] = field(default_factory=list)  # per choice: text to put before the completion
+    tools: ToolPlan = field(default_factory=ToolPlan)
+    logprobs: bool = False
 
     @property
     def adapter(self) -> str:
@@ -84,13 +99,12 @@ def _falsy(v: Any) -> bool:
 
 
 _CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (_falsy, "log probabilities are not returned by this server"),
-    "top_logprobs": (_falsy, "log probabilities are not returned by this server"),
     "logit_bias": (_falsy, "logit_bias is not supported by the engine"),
-    "tools": (_falsy, "tool calling is not supported by this server"),
-    "functions": (_falsy, "function calling is not supported by this server"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported by this server"),
-    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported by this server"),
+    "functions": (_falsy, "the deprecated `functions` are not supported (send `tools`)"),
+    "function_call": (
+        lambda v: v in (None, "none", "auto"),
+        "the deprecated `function_call` is not supported (send `tool_choice`)",
+    ),
     "audio": (_none, "audio output is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only the 'text' modality is supported"),
     "prediction": (_none, "predicted outputs are not supported"),
@@ -102,7 +116,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 _COMPLETION_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "logprobs": (lambda v: v is None or v is False, "log probabilities are not returned by this server"),
     "logit_bias": (_falsy, "logit_bias is not supported by the engine"),
     "best_of": (lambda v: v in (None, 1), "best_of is not supported (use n)"),
     "suffix": (_falsy, "suffix (insertion) is not supported"),
@@ -140,7 +153,7 @@ def _json_schema(body: _Sampling) -> str:
     return ""
 
 
-def _params(body: _Sampling, max_new_tokens: int) -> GenerationParams:
+def _params(body: _Sampling, max_new_tokens: int, logprobs: tuple[bool, int] = (False, 0)) -> GenerationParams:
     temperature = TEMPERATURE if body.temperature is None else body.temperature
     top_p = TOP_P if body.top_p is None else body.top_p
     if top_p == 0:
@@ -157,6 +170,8 @@ def _params(body: _Sampling, max_new_tokens: int) -> GenerationParams:
         seed=None if body.seed is None else body.seed % _SEED_SPACE,
         stop=_stops(body.stop),
         json_schema=_json_schema(body),
+        logprobs=logprobs[0],
+        top_logprobs=logprobs[1],
     )
 
 
@@ -259,16 +274,76 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
         raise bad_request("messages", "Invalid 'messages': empty array. Expected at least one message.")
     turns = []
     for i, m in enumerate(messages):
-        if m.role in ("tool", "function") or m.tool_calls or m.function_call:
+        if m.role == "function" or m.function_call:
             raise bad_request(
                 f"messages[{i}]",
-                "tool and function messages are not supported by this server.",
+                "the deprecated function messages are not supported (send tool_calls and role 'tool').",
                 code="unsupported_parameter",
             )
+        if m.role == "tool" and not m.tool_call_id:
+            raise bad_request(
+                f"messages[{i}].tool_call_id", f"Missing required parameter: 'messages[{i}].tool_call_id'."
+            )
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request(f"messages[{i}].tool_calls", "Only assistant messages carry 'tool_calls'.")
         # "developer" is OpenAI's newer name for the system turn; templates know "system".
         role = "system" if m.role == "developer" else m.role
-        turns.append(ChatMessage(role=role, content=_content(m, i)))
+        calls = [
+            ToolCall(id=c.id, function=ToolCallFunction(name=c.function.name, arguments=c.function.arguments))
+            for c in m.tool_calls or []
+        ]
+        turns.append(
+            ChatMessage(
+                role=role,
+                content=_content(m, i),
+                tool_calls=calls,
+                tool_call_id=(m.tool_call_id or "") if role == "tool" else "",
+                name=(m.name or "") if role == "tool" else "",
+            )
+        )
     return turns
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[ToolPlan, list[Tool]]:
+    """The tool plan and the tools to present to the model. Raises CyError(INVALID_REQUEST)."""
+    declared = body.tools or []
+    choice = body.tool_choice
+    names = [t.function.name for t in declared]
+    if len(set(names)) != len(names):
+        raise bad_request("tools", "Invalid 'tools': function names must be unique.")
+    if not declared:
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise bad_request(
+                "tool_choice",
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            )
+        return ToolPlan(), []
+    forced = ""
+    if isinstance(choice, NamedToolChoice):
+        forced = choice.function.name
+        if forced not in names:
+            raise bad_request("tool_choice", f"Invalid value for 'tool_choice': function '{forced}' is not in 'tools'.")
+    mode: tool_calls.Mode = "named" if forced else "auto" if choice is None else choice  # type: ignore[assignment]
+    if mode == "none":
+        return ToolPlan(), []
+    plan = ToolPlan(mode=mode, names=frozenset(names), forced=forced, parallel=body.parallel_tool_calls is not False)
+    tools = [
+        Tool(
+            function=ToolFunction(
+                name=t.function.name, description=t.function.description or "", parameters=t.function.parameters or {}
+            )
+        )
+        for t in declared
+    ]
+    return plan, tools
+
+
+def _chat_logprobs(body: ChatCompletionRequest) -> tuple[bool, int]:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request(
+            "top_logprobs", "Invalid value for 'top_logprobs': 'logprobs' must be true to use 'top_logprobs'."
+        )
+    return bool(body.logprobs), body.top_logprobs or 0
 
 
 def plan_chat(core: GatewayCore, body: ChatCompletionRequest) -> Plan:
@@ -283,10 +358,20 @@ def plan_chat(core: GatewayCore, body: ChatCompletionRequest) -> Plan:
             "messages",
             "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
         )
-    max_new = body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS
-    return _fan_out(
-        core, "chatcmpl", body, [("", messages)], _params(body, max_new), _metadata(body.user, body.metadata)
-    )
+    tool_plan, tools = _tools(body)
+    params = _params(body, body.max_completion_tokens or body.max_tokens or CHAT_MAX_TOKENS, _chat_logprobs(body))
+    if forcing := tool_calls.forcing_schema(tool_plan, {t.function.name: t.function.parameters for t in tools}):
+        if params.json_schema:
+            raise bad_request(
+                "response_format",
+                "'response_format' cannot be combined with a 'tool_choice' that forces a call "
+                "(the call's arguments follow the function's schema).",
+            )
+        params = msgspec.structs.replace(params, json_schema=forcing)
+    plan = _fan_out(core, "chatcmpl", body, [("", messages)], params, _metadata(body.user, body.metadata))
+    for request in plan.requests:
+        request.tools = tools
+    return dataclasses.replace(plan, tools=tool_plan, logprobs=params.logprobs)
 
 
 # --- completions -----------------------------------------------------------------------------------------
@@ -310,8 +395,16 @@ def plan_completion(core: GatewayCore, body: CompletionRequest) -> Plan:
     """Raises CyError: 400 for bad or unsupported parameters, 404 for an unknown model."""
     refuse_unsupported(body, _COMPLETION_UNSUPPORTED)
     prompts = completion_prompts(body.prompt)
-    params = _params(body, body.max_tokens or COMPLETION_MAX_TOKENS)
-    return _fan_out(
+    logprobs = body.logprobs is not None and body.logprobs is not False
+    if logprobs and body.echo:
+        raise bad_request(
+            "logprobs",
+            "Unsupported parameter 'logprobs' with 'echo': prompt log probabilities are not computed by this server.",
+            code="unsupported_parameter",
+        )
+    top = 0 if isinstance(body.logprobs, bool) or body.logprobs is None else body.logprobs
+    params = _params(body, body.max_tokens or COMPLETION_MAX_TOKENS, (logprobs, top))
+    plan = _fan_out(
         core,
         "cmpl",
         body,
@@ -320,8 +413,10 @@ def plan_completion(core: GatewayCore, body: CompletionRequest) -> Plan:
         _metadata(body.user, None),
         echo=prompts if body.echo else None,
     )
+    return dataclasses.replace(plan, logprobs=logprobs)
 
 
-def finish_reason(internal: str | None) -> str:
-    """The worker's finish reason in OpenAI's vocabulary ("length" when max_tokens or the context ran out)."""
-    return "length" if internal == "length" else "stop"
+def finish_reason(internal: str | None, called: bool = False) -> str:
+    """The worker's finish reason in OpenAI's vocabulary ("length" when max_tokens or the context ran out,
+    "tool_calls" when the answer calls tools)."""
+    return "length" if internal == "length" else "tool_calls" if called else "stop"

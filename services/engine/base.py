@@ -10,14 +10,20 @@ from typing import Any
 import msgspec
 
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import FinishReason, GenerateRequest, GenerationParams
+from schemas.inference import FinishReason, GenerateRequest, GenerationParams, TokenLogprob
+from services.engine import tool_prompt
 
 
 class TokenStep(msgspec.Struct):
-    """New token ids from the engine; `finish_reason` is set on the last step of a sequence."""
+    """New token ids from the engine; `finish_reason` is set on the last step of a sequence.
+
+    `logprobs` (when the request asked for them): one entry per token id, its `token` text still empty
+    (the worker fills it in).
+    """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StepInbox:
@@ -76,16 +82,22 @@ class Engine(abc.ABC):
         return name in self.adapters()
 
     def encode(self, request: GenerateRequest) -> list[int]:
-        """Prompt token ids: the chat template for `messages`, the raw text for `prompt`.
+        """Prompt token ids: the chat template for `messages` (with `tools`, tool_prompt.py), the raw text
+        for `prompt`.
 
         Raises CyError(INVALID_REQUEST) for an empty prompt or one that leaves no room to generate.
         """
         if request.messages:
-            if not getattr(self.tokenizer, "chat_template", None):
+            template = getattr(self.tokenizer, "chat_template", None)
+            if not template:
                 raise CyError(ErrorCode.INVALID_REQUEST, "this model has no chat template; send `prompt`")
-            conversation = [{"role": m.role, "content": m.content} for m in request.messages]
+            tools = None
+            if tool_prompt.template_knows_tools(template):
+                conversation, tools = tool_prompt.native(request.messages, request.tools)
+            else:
+                conversation = tool_prompt.hermes(request.messages, request.tools)
             ids = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+                conversation, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

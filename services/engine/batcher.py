@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from schemas.inference import GenerationParams
+from schemas.inference import GenerationParams, TokenLogprob, TopLogprob
 from services.engine.base import TokenStep
 from services.engine.grammar import Constraint
 from services.engine.sampling import make_generator, pick_token
@@ -66,7 +66,8 @@ class Sequence:
     def context(self) -> torch.Tensor:
         return torch.cat([self.prompt, torch.tensor(self.generated, dtype=torch.long, device=self.prompt.device)])
 
-    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+    def accept(self, token: int, eos_ids: frozenset[int], logits: torch.Tensor | None = None) -> None:
+        """Take the picked token; `logits` (its position's raw row) when the request wants logprobs."""
         if self.constraint is not None and not self.constraint.accept(token):
             # Cannot happen for a token picked from masked logits; never emit text the grammar refused.
             self.done = True
@@ -75,7 +76,19 @@ class Sequence:
         self.generated.append(token)
         finish = "stop" if token in eos_ids else "length" if len(self.generated) >= self.max_new_tokens else None
         self.done = finish is not None
-        self.emit(TokenStep([token], finish))  # type: ignore[arg-type]
+        logprobs = [token_logprob(logits, token, self.params.top_logprobs)] if logits is not None else None
+        self.emit(TokenStep([token], finish, logprobs))  # type: ignore[arg-type]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The log probability of `token` under the model's raw distribution (before temperature, penalties
+    and grammar) and the `top` most likely tokens, as vLLM reports them by default."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: list[TopLogprob] = []
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = [TopLogprob(i, "", v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=alternatives)
 
 
 # A sequence whose context reached this many tokens hands its KV memory back to the OS when it leaves.
@@ -205,7 +218,8 @@ class Batcher:
         if stop < len(seq.prompt):
             return False
         cache, seq.cache = seq.cache, None
-        seq.accept(self._pick(seq, out.logits[0, -1]), self.eos_ids)
+        logits = out.logits[0, -1]
+        seq.accept(self._pick(seq, logits), self.eos_ids, logits if seq.params.logprobs else None)
         if not seq.done:
             self._merge(cache, seq)
         elif len(seq.prompt) >= LONG_CONTEXT:
@@ -260,7 +274,7 @@ class Batcher:
             seq.pos += 1
             if not seq.cancelled:
                 token = greedy[i] if i in greedy else self._pick(seq, logits[i])
-                seq.accept(token, self.eos_ids)
+                seq.accept(token, self.eos_ids, logits[i] if seq.params.logprobs else None)
 
     def _drop_finished(self) -> None:
         if self._cache is None or self._mask is None:

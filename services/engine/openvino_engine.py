@@ -9,6 +9,8 @@ LoRA adapters: OpenVINO's continuous-batching pipeline silently ignores a per-re
 the base model), so requests that name an adapter are served by a transformers + peft engine inside this one
 (loaded when the first adapter is registered; adapters trained later arrive without a restart). Base
 requests never touch it and adapter requests never touch the pipeline: nothing can leak between them.
+Requests that ask for log probabilities go there too: the pipeline returns at most the chosen token's
+logprob (of its sampling distribution), no alternatives.
 """
 
 from __future__ import annotations
@@ -173,10 +175,12 @@ class OpenVinoEngine(Engine):
     def adapters(self) -> list[str]:
         return self._lora.adapters() if self._lora is not None else []
 
-    async def register_adapter(self, name: str, path: str) -> None:
+    async def _transformers(self) -> Any:
+        """The transformers engine beside the pipeline (loaded on first use, ~2 s): it serves what the
+        pipeline cannot: adapters, and log probabilities (OpenVINO's pipeline gives no alternatives)."""
         async with self._lora_lock:
             if self._lora is None:
-                from services.engine.transformers_engine import TransformersEngine
+                from services.engine.transformers_engine import TransformersEngine  # torch: only when needed
 
                 lora = TransformersEngine(
                     self.spec.model_path,
@@ -187,8 +191,11 @@ class OpenVinoEngine(Engine):
                 )
                 await lora.start()
                 self._lora = lora
-                log.info("adapter_engine_loaded", engine="transformers", reason="requests that name an adapter")
-        await self._lora.register_adapter(name, path)
+                log.info("transformers_engine_loaded", reason="adapter or logprobs requests")
+        return self._lora
+
+    async def register_adapter(self, name: str, path: str) -> None:
+        await (await self._transformers()).register_adapter(name, path)
 
     async def unregister_adapter(self, name: str) -> None:
         if self._lora is not None:
@@ -200,6 +207,10 @@ class OpenVinoEngine(Engine):
             if self._lora is None or not self._lora.has_adapter(adapter):
                 raise CyError(ErrorCode.MODEL_NOT_FOUND, f"adapter {adapter!r} is not loaded")
             async for step in self._lora.generate(prompt_ids, params, adapter):
+                yield step
+            return
+        if params.logprobs:
+            async for step in (await self._transformers()).generate(prompt_ids, params, ""):
                 yield step
             return
         if self._stopping:

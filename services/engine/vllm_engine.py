@@ -38,7 +38,7 @@ import msgspec
 import structlog
 
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import FinishReason, GenerationParams
+from schemas.inference import FinishReason, GenerationParams, TokenLogprob, TopLogprob
 from services.engine import vllm_tuning as tuning
 from services.engine.base import Engine, TokenStep
 from services.models.files import ensure_model
@@ -90,9 +90,10 @@ def _finish(reason: str | None) -> FinishReason:
 
 def sampling_params(params: GenerationParams, max_tokens: int) -> Any:
     """GenerationParams -> vLLM SamplingParams (token deltas, no detokenization, no stop strings:
-    the worker owns stop strings, and aborts the request when one matches)."""
+    the worker owns stop strings, and aborts the request when one matches). `json_schema` becomes vLLM's
+    structured output; `logprobs` vLLM's (raw logprobs of the model, as the other engines report)."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     greedy = params.temperature == 0
     return SamplingParams(
@@ -107,7 +108,23 @@ def sampling_params(params: GenerationParams, max_tokens: int) -> Any:
         seed=params.seed,
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,
+        structured_outputs=StructuredOutputsParams(json=params.json_schema) if params.json_schema else None,
+        logprobs=params.top_logprobs if params.logprobs else None,
     )
+
+
+def step_logprobs(token_ids: list[int], positions: Any, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token_id: Logprob} (the sampled token at its own rank, plus ranks 1..top) ->
+    TokenLogprobs with the `top` alternatives in rank order."""
+    out = []
+    for token, position in zip(token_ids, positions or [], strict=False):
+        ranked = sorted(
+            ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top),
+            key=lambda item: item[1].rank,
+        )
+        alternatives = [TopLogprob(tid, "", float(lp.logprob)) for tid, lp in ranked]
+        out.append(TokenLogprob(token_id=token, logprob=float(position[token].logprob), top=alternatives))
+    return out
 
 
 class _Adapter(msgspec.Struct, frozen=True):
@@ -391,7 +408,9 @@ class VllmEngine(Engine):
                 finished = bool(out.finished)
                 reason = _finish(completion.finish_reason) if finished else None
                 if completion.token_ids or reason is not None:
-                    yield TokenStep(list(completion.token_ids), reason)
+                    ids = list(completion.token_ids)
+                    logprobs = step_logprobs(ids, completion.logprobs, params.top_logprobs) if params.logprobs else None
+                    yield TokenStep(ids, reason, logprobs)
                 if finished:
                     return
         except CyError:

@@ -23,14 +23,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
+from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError
 from schemas.workers import ServedModel, WorkerInfo
 from services import discovery, metrics, streams
 from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
-from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.chunker import Chunker
 from services.engine.engines import EngineOptions, build_engine, select_engine
-from services.engine.stops import StopMatcher
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec, load_registry
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats, data_dir
@@ -485,53 +484,32 @@ class Worker:
         await self._publish(
             trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id, prompt_tokens=len(prompt_ids))
         )
-        chunk_size = req.stream_chunk_size or self.settings.stream_chunk_size
-        detok = IncrementalDetokenizer(self.engine.tokenizer)
-        stops = StopMatcher(req.generation.stop)
-        text, tokens, index, finish = "", 0, 0, None
+        chunker = Chunker(
+            trace_id,
+            self.engine.tokenizer,
+            req.generation.stop,
+            req.stream_chunk_size or self.settings.stream_chunk_size,
+        )
         steps = self.engine.generate(prompt_ids, req.generation, adapter)
         try:
             async for step in steps:
                 if stats["ttft_ms"] is None:
                     stats["ttft_ms"] = round((time.monotonic() - started) * 1000, 1)
-                stats["completion_tokens"] += len(step.token_ids)
-                tokens += len(step.token_ids)
-                piece = detok.push(step.token_ids)
-                if step.finish_reason is not None:
-                    piece += detok.flush()
-                    finish = step.finish_reason
-                piece, hit = stops.feed(piece)
-                if hit:
-                    finish = "stop"
-                elif finish is not None:
-                    piece += stops.flush()
-                text += piece
-                # The first chunk goes out as soon as it has text (time to first token); then every N tokens.
-                if finish is not None or (text and (index == 0 or tokens >= chunk_size)):
-                    await self._publish(
-                        trace_id,
-                        TokenChunk(
-                            trace_id=trace_id,
-                            chunk=text,
-                            index=index,
-                            token_count=tokens,
-                            end_of_stream=finish is not None,
-                            finish_reason=finish,
-                        ),
-                    )
-                    index += 1
-                    stats["chunks"] = index
-                    text, tokens = "", 0
-                if finish is not None:
+                chunk = chunker.feed(step)
+                stats["completion_tokens"] = chunker.completion_tokens
+                if chunk is not None:
+                    await self._publish(trace_id, chunk)
+                    stats["chunks"] = chunker.chunks
+                if chunker.finish is not None:
                     break
         finally:
             await steps.aclose()  # type: ignore[attr-defined]
         end = StreamEnd(
             trace_id=trace_id,
-            finish_reason=finish or "stop",
+            finish_reason=chunker.finish or "stop",
             prompt_tokens=len(prompt_ids),
             completion_tokens=stats["completion_tokens"],
-            chunks=index,
+            chunks=chunker.chunks,
             worker_id=self.worker_id,
             ttft_ms=stats["ttft_ms"] or 0.0,
             duration_ms=round((time.monotonic() - started) * 1000, 1),

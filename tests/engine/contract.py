@@ -8,19 +8,31 @@ alpha and beta from `adapter_dir`), `engine_registry`, `batch_invariant` and `nc
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
+import jsonschema
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import ChatMessage, GenerateRequest, GenerationParams, StreamEnd, StreamError, TokenChunk
+from schemas.inference import (
+    ChatMessage,
+    GenerateRequest,
+    GenerationParams,
+    StreamEnd,
+    StreamError,
+    TokenChunk,
+    Tool,
+    ToolFunction,
+)
 from services.engine.worker import Worker
 from services.models.registry import Registry
-from tests.dispatch.nats_client import Collected, submit
 from tests.helpers import NatsServer, parse_sse, running_gateway, wait_until
+from tests.nats_client import Collected, submit
 
 MODEL_ID = "smol-engine"
 STORY = "Write a long story about a dragon who learns to bake bread."
@@ -213,3 +225,42 @@ async def test_a_broken_adapter_is_refused_at_registration_and_the_engine_keeps_
     assert worker.engine.adapters() == ["alpha", "beta"]
     assert end(await ask(nc, request(adapter="alpha", max_new_tokens=4))).completion_tokens == 4
     assert end(await ask(nc, request(max_new_tokens=4))).completion_tokens == 4
+
+
+async def test_logprobs_cover_every_token_with_its_text_and_greedy_picks_the_top_alternative(
+    worker: Worker, nc: NATS
+) -> None:
+    out = await ask(nc, request(max_new_tokens=12, logprobs=True, top_logprobs=3))
+    entries = [e for c in chunks(out) for e in c.logprobs]
+    assert len(entries) == end(out).completion_tokens == 12
+    assert "".join(e.token for e in entries) == out.text
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top) == 3
+        assert [t.logprob for t in e.top] == sorted((t.logprob for t in e.top), reverse=True)
+        assert e.top[0].token_id == e.token_id and abs(e.top[0].logprob - e.logprob) < 1e-3
+    # Without logprobs asked, none travel.
+    assert not any(c.logprobs for c in chunks(await ask(nc, request(max_new_tokens=4))))
+
+
+async def test_json_schema_constrains_the_output_beside_free_requests(worker: Worker, nc: NATS) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    constrained = request("Describe a person as JSON.", max_new_tokens=48, json_schema=json.dumps(schema))
+    outs = await asyncio.gather(ask(nc, constrained), ask(nc, request(max_new_tokens=16)))
+    assert end(outs[0]).finish_reason == "stop", outs[0].text
+    jsonschema.validate(json.loads(outs[0].text), schema)
+    assert outs[1].text.strip()
+
+
+async def test_tools_reach_the_prompt(worker: Worker, nc: NATS) -> None:
+    plain = request("What is the weather in Paris?", max_new_tokens=2)
+    with_tools = msgspec.structs.replace(
+        request("What is the weather in Paris?", max_new_tokens=2),
+        tools=[Tool(function=ToolFunction(name="get_weather", parameters={"type": "object"}))],
+    )
+    a, b = await asyncio.gather(ask(nc, plain), ask(nc, with_tools))
+    assert end(b).prompt_tokens > end(a).prompt_tokens + 50

@@ -23,11 +23,11 @@ from schemas.errors import ErrorCode
 from schemas.inference import GenerateRequest, StreamError
 from services.engine.worker import Worker
 from services.models.registry import ModelSpec, Registry
-from tests.dispatch.nats_client import submit
 from tests.engine.contract import *  # noqa: F403  (the shared tests run against this module's fixtures)
 from tests.engine.contract import MODEL_ID, STORY, ask, chunks, end, request
 from tests.engine.reference import reference_greedy
 from tests.helpers import NatsServer, real_model_dir, running_worker, wait_until
+from tests.nats_client import submit
 
 pytestmark = [
     pytest.mark.slow,

@@ -93,8 +93,12 @@ def nested(depth: int) -> str:
     [
         ("/completions", '{"prompt": %s}'),
         ("/completions", '{"prompt": "hi", "logit_bias": %s}'),
-        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi", "tool_calls": %s}]}'),
-        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": %s}'),
+        ("/chat/completions", '{"messages": [{"role": "user", "content": "hi", "function_call": %s}]}'),
+        (  # tools are typed; the untyped part is a function's parameters schema
+            "/chat/completions",
+            '{"messages": [{"role": "user", "content": "hi"}], "tools": '
+            '[{"type": "function", "function": {"name": "f", "parameters": {"a": %s}}}]}',
+        ),
         (  # response_format is typed now; the untyped part is its JSON schema
             "/chat/completions",
             '{"messages": [{"role": "user", "content": "JSON"}], "response_format": '

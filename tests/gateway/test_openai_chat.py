@@ -12,8 +12,8 @@ import structlog
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
-from services.engine.registry import Registry
 from services.engine.worker import Worker
+from services.models.registry import Registry
 from tests.helpers import Gateway, wait_until
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}

@@ -11,7 +11,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import Gateway
 
 PROMPT = "Once upon a time"
@@ -101,7 +101,7 @@ async def test_echo_puts_the_prompt_before_the_completion(aclient: AsyncOpenAI) 
         ({"prompt": ""}, "prompt"),
         ({"prompt": PROMPT, "best_of": 3}, "best_of"),
         ({"prompt": PROMPT, "suffix": "the end"}, "suffix"),
-        ({"prompt": PROMPT, "logprobs": 2}, "logprobs"),
+        ({"prompt": PROMPT, "logprobs": 2, "echo": True}, "logprobs"),
         ({"prompt": [PROMPT] * 9, "n": 2}, "n"),
     ],
 )

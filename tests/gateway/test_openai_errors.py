@@ -20,7 +20,7 @@ from gateway.openai.translate import plan_chat, plan_completion
 from schemas import codec, subjects
 from schemas.inference import GenerationParams
 from schemas.workers import ServedModel, WorkerInfo
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -82,17 +82,11 @@ async def test_bad_values_raise_bad_request_naming_the_parameter(
 @pytest.mark.parametrize(
     ("params", "param"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
         ({"logit_bias": {"42": 10}}, "logit_bias"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-            "tools",
-        ),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
         ({"store": True}, "store"),
         ({"modalities": ["text", "audio"]}, "modalities"),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0]"),
+        ({"messages": [{"role": "function", "content": "42", "name": "f"}]}, "messages[0]"),
         (
             {
                 "messages": [

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from services.trainer.worker import Trainer
 from tests.helpers import Gateway, NatsServer
 from tests.trainer.helpers import ANSWER, QUESTION, roots_for, running_trainer, unique

@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from services.engine.registry import Registry
+from services.models.registry import Registry
 from tests.helpers import Gateway, NatsServer, running_gateway, running_worker, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]

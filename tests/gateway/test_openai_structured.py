@@ -19,7 +19,7 @@ import pytest
 from openai import AsyncOpenAI
 from pydantic import BaseModel, Field
 
-from services.engine.registry import ModelSpec, Registry
+from services.models.registry import ModelSpec, Registry
 from tests.engine.contract import make_adapter_dir
 from tests.helpers import Gateway, NatsServer, real_model_dir, running_gateway, running_worker, wait_until
 
