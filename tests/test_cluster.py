@@ -12,8 +12,8 @@ from infra.cluster import plan_free, servers_for, start_cluster
 from schemas.inference import StreamEnd
 from services import streams
 from services.models.registry import Registry
-from tests.dispatch.nats_client import connect, request, submit
 from tests.helpers import parse_sse, running_gateway, running_worker, wait_until
+from tests.nats_client import connect, request, submit
 
 
 @pytest.mark.slow

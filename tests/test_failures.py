@@ -13,8 +13,8 @@ from schemas import subjects
 from schemas.inference import GenerationParams, StreamEnd, StreamError, TokenChunk
 from services import streams
 from services.models.registry import Registry
-from tests.dispatch.nats_client import connect, request, submit
 from tests.helpers import NatsServer, WorkerProcess, parse_sse, running_gateway, running_worker, wait_until
+from tests.nats_client import connect, request, submit
 
 SMOL = "smollm2-135m-instruct"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from schemas import codec, subjects
 from services.models.registry import Registry
-from tests.dispatch.nats_client import connect
 from tests.helpers import NatsServer, parse_sse, running_gateway, running_paced_worker, wait_until
+from tests.nats_client import connect
 
 
 async def _bucket_has_worker(url: str, worker_id: str) -> bool:
@@ -79,7 +79,7 @@ async def test_after_nats_is_killed_and_restarted_the_same_gateway_and_worker_se
 async def test_every_stream_bucket_and_consumer_is_recreated_when_nats_comes_back_with_an_empty_store(
     tmp_path: Path, registry: Registry
 ) -> None:
-    from tests.dispatch.nats_client import request, submit
+    from tests.nats_client import request, submit
     from tests.trainer.helpers import roots_for, running_trainer
 
     server = NatsServer(tmp_path / "nats").start()

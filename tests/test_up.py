@@ -11,8 +11,8 @@ from pathlib import Path
 
 from infra.up import Supervisor
 from schemas import codec, subjects
-from tests.dispatch.nats_client import connect, request, submit
 from tests.helpers import NatsServer
+from tests.nats_client import connect, request, submit
 
 
 async def _ready_pid(nc, worker_id: str, timeout: float = 120) -> int:  # type: ignore[no-untyped-def]

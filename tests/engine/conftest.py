@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from tests.dispatch.nats_client import connect
 from tests.engine.contract import make_adapter_dir
 from tests.helpers import NatsServer
+from tests.nats_client import connect
 
 
 @pytest.fixture(scope="module")

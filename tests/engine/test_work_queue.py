@@ -11,9 +11,9 @@ from nats.js.errors import APIError
 from schemas import subjects
 from schemas.inference import GenerationParams
 from services import streams
-from services.engine.registry import Registry
-from tests.dispatch.nats_client import connect, request, submit
+from services.models.registry import Registry
 from tests.helpers import NatsServer, running_worker
+from tests.nats_client import connect, request, submit
 
 
 async def test_high_priority_requests_start_before_queued_low_priority_ones(

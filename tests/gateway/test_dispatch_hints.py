@@ -11,9 +11,9 @@ import httpx
 
 from schemas import subjects
 from services import streams
-from services.engine.registry import Registry
-from tests.dispatch.nats_client import connect, request, submit
+from services.models.registry import Registry
 from tests.helpers import NatsServer, WorkerProcess, running_gateway, running_worker, wait_until
+from tests.nats_client import connect, request, submit
 
 MODEL = "tiny-solo"
 
