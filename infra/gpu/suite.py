@@ -13,7 +13,7 @@ from typing import Any
 
 from infra.gpu import REPO
 
-PYTEST_FILES = ("tests/engine/test_transformers_engine.py", "tests/trainer/test_engine_adapters.py")
+PYTEST_FILES = ("tests/engine/test_transformers_engine.py", "tests/engine/test_adapters.py")
 
 
 def pytest_phase(model_dir: Path, root: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:

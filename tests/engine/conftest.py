@@ -1,4 +1,5 @@
-"""Fixtures of the engine contract suites (tests/engine/contract.py): its adapters and a NATS client."""
+"""Fixtures of the engine tests: the tiny model on a transformers engine of the module's own, and for the contract
+suites (tests/engine/contract.py) their adapters and a NATS client."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
+from services.engine.transformers_engine import TransformersEngine
+from services.models.registry import Registry
 from tests.engine.contract import make_adapter_dir
 from tests.helpers import NatsServer
 from tests.nats_client import connect
@@ -23,3 +26,13 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     client = await connect(nats_server.url)
     yield client
     await client.drain()
+
+
+@pytest.fixture(scope="module")
+async def engine(registry: Registry) -> AsyncIterator[TransformersEngine]:
+    """The tiny model on a transformers engine with 16 slots, one per test module."""
+    spec = registry.models["tiny"]
+    eng = TransformersEngine(spec.model_path, max_model_len=spec.max_model_len, slots=16)
+    await eng.start()
+    yield eng
+    await eng.close()

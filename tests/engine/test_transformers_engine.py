@@ -9,17 +9,7 @@ import pytest
 
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from services.engine.transformers_engine import TransformersEngine
-from services.models.registry import Registry
 from tests.helpers import wait_until
-
-
-@pytest.fixture(scope="module")
-async def engine(registry: Registry) -> AsyncIterator[TransformersEngine]:
-    spec = registry.models["tiny"]
-    eng = TransformersEngine(spec.model_path, max_model_len=spec.max_model_len, slots=16)
-    await eng.start()
-    yield eng
-    await eng.close()
 
 
 def prompt_ids(engine: TransformersEngine, text: str) -> list[int]:

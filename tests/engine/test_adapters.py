@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -43,15 +42,6 @@ def adapter_dirs(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("adapters")
     path = registry.models["tiny"].model_path
     return {name: make_adapter(path, root / name, seed) for name, seed in (("first-style", 1), ("second-style", 2))}
-
-
-@pytest.fixture(scope="module")
-async def engine(registry: Registry) -> AsyncIterator[TransformersEngine]:
-    spec = registry.models["tiny"]
-    eng = TransformersEngine(spec.model_path, max_model_len=spec.max_model_len, slots=16)
-    await eng.start()
-    yield eng
-    await eng.close()
 
 
 async def run(engine: TransformersEngine, adapter: str, prompt: str = PROMPT) -> list[int]:
