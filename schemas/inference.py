@@ -107,6 +107,20 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Tokens per TokenChunk message (0 = the worker's default, 4).
     stream_chunk_size: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
 
+    def log_context(self) -> dict[str, str | None]:
+        """What every log line about this request carries (bound as structlog contextvars by the gateway's
+        two APIs and the worker); empty values are None so that they drop out of the rendered line."""
+        meta = self.metadata
+        return {
+            "trace_id": self.trace_id,
+            "model_id": self.model_id,
+            "adapter": self.adapter or None,
+            "client_trace_id": meta.trace_id or None,
+            "tenant": meta.tenant or None,
+            "player_id": meta.player_id or None,
+            "locale": meta.locale or None,
+        }
+
 
 class Accepted(msgspec.Struct, tag="accepted", kw_only=True):
     """First reply: names the worker (so the requester can watch its heartbeat) and the prompt size."""

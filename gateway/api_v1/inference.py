@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import structlog
@@ -16,8 +16,8 @@ from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S, Outcome, complete, new_trace_id, resolve_model, streaming
 from gateway.http_json import json_response
 from gateway.ratelimit import RateLimiter
-from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
-from schemas.errors import CyError, ErrorCode
+from gateway.sse import SSE_KEEPALIVE, guarded, sse_event, sse_response
+from schemas.errors import CyError
 from schemas.inference import (
     ChatMessage,
     GenerateRequest,
@@ -50,26 +50,13 @@ def client_key() -> str:
     return RateLimiter.client_key(request.headers.get("X-API-Key", ""), request.remote_addr or "")
 
 
-def bind_request_context(req: GenerateRequest) -> None:
-    meta = req.metadata
-    structlog.contextvars.bind_contextvars(
-        trace_id=req.trace_id,
-        model_id=req.model_id,
-        adapter=req.adapter or None,
-        client_trace_id=meta.trace_id or None,
-        tenant=meta.tenant or None,
-        player_id=meta.player_id or None,
-        locale=meta.locale or None,
-    )
-
-
 def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("inference", __name__)
 
     async def parse() -> GenerateRequest:
         data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
         req = build(core, decode_body(data, InferenceBody))
-        bind_request_context(req)
+        structlog.contextvars.bind_contextvars(**req.log_context())
         return req
 
     @bp.post("/inference")
@@ -146,38 +133,31 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
             }
         )
 
-    async def events() -> AsyncIterator[bytes]:
-        bind_request_context(req)
-        status = "ok"
-        try:
-            async with stack:
-                if isinstance(first, TokenChunk):
-                    yield chunk_event(first)
-                while not stream.finished:
-                    reply = await stream.next(keepalive)
-                    if reply is None:
-                        yield SSE_KEEPALIVE
-                        continue
-                    if isinstance(reply, StreamError):
-                        status = reply.code.value
-                        yield sse_event(envelope(CyError(reply.code, reply.message)))
-                        break
-                    outcome.observe(reply)
-                    if isinstance(reply, TokenChunk):
-                        yield chunk_event(reply)
-                    elif isinstance(reply, StreamEnd):
-                        break
-        except CyError as exc:
-            status = exc.code.value
-            yield sse_event(envelope(exc))
-        except Exception:
-            status = ErrorCode.INTERNAL_ERROR.value
-            log.exception("stream_failed")
-            yield sse_event(envelope(CyError(ErrorCode.INTERNAL_ERROR, "internal error")))
-        finally:
-            if status == "ok" and outcome.finish_reason is None:
-                status = "client_disconnected"
-            log.info("request", route=route, status=200, outcome=status, **outcome.log_fields())
-        yield SSE_DONE
+    async def body() -> AsyncGenerator[bytes, None]:
+        # The body runs in the response's task, not the handler's: bind the request's log context again.
+        structlog.contextvars.bind_contextvars(**req.log_context())
+        async with stack:
+            if isinstance(first, TokenChunk):
+                yield chunk_event(first)
+            while not stream.finished:
+                reply = await stream.next(keepalive)
+                if reply is None:
+                    yield SSE_KEEPALIVE
+                    continue
+                if isinstance(reply, StreamError):
+                    raise CyError(reply.code, reply.message)
+                outcome.observe(reply)
+                if isinstance(reply, TokenChunk):
+                    yield chunk_event(reply)
+                elif isinstance(reply, StreamEnd):
+                    break
+
+    def events() -> AsyncGenerator[bytes, None]:
+        return guarded(
+            body(),
+            lambda exc: sse_event(envelope(exc)),
+            finished=lambda: outcome.finish_reason is not None,
+            log_fields=lambda: {"route": route, **outcome.log_fields()},
+        )
 
     return sse_response(events())

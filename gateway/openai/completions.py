@@ -19,8 +19,8 @@ from gateway.openai.errors import decode_request, error_body
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.openai.translate import Plan, plan_chat, plan_completion
 from gateway.ratelimit import RateLimiter
-from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
-from schemas.errors import CyError, ErrorCode
+from gateway.sse import SSE_KEEPALIVE, guarded, sse_event, sse_response
+from schemas.errors import CyError
 from schemas.inference import StreamEnd, TokenChunk
 
 log = structlog.get_logger()
@@ -30,17 +30,8 @@ log = structlog.get_logger()
 
 
 def bind_plan(plan: Plan, route: str) -> None:
-    meta = plan.requests[0].metadata
-    structlog.contextvars.bind_contextvars(
-        route=route,
-        trace_id=plan.id,
-        model_id=plan.requests[0].model_id,
-        adapter=plan.adapter or None,
-        client_trace_id=meta.trace_id or None,
-        tenant=meta.tenant or None,
-        player_id=meta.player_id or None,
-        locale=meta.locale or None,
-    )
+    # The plan's id is the trace id clients see (choice i of n has its own, plan.id-i).
+    structlog.contextvars.bind_contextvars(route=route, **{**plan.requests[0].log_context(), "trace_id": plan.id})
 
 
 def _rate_limit(core: GatewayCore) -> contextlib.AbstractAsyncContextManager[None]:
@@ -110,45 +101,40 @@ class _Started:
         await self._gen.aclose()
 
 
-async def _events(
-    core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str
-) -> AsyncGenerator[bytes, None]:
+def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str) -> AsyncGenerator[bytes, None]:
     """The SSE body: an opening chunk per choice, content deltas, a finish chunk per choice, the usage chunk
     when asked, `[DONE]`. A keep-alive comment while nothing comes (queue, long prefill); an error after the
     response has started becomes an error event. Leaving early (client gone) aborts the generations."""
-    bind_plan(plan, route)
-    outcome = "ok"
-    try:
-        yield b""  # priming (see _Started); never sent
-        for i in range(len(plan.requests)):
-            if (opening := chunks.opening(i)) is not None:
-                yield sse_event(opening)
-        async for item in choices.replies(core.settings.keepalive_interval):
-            if item is None:
-                yield SSE_KEEPALIVE
-                continue
-            i, reply = item
-            if isinstance(reply, TokenChunk):
-                for chunk in chunks.content(i, reply):
-                    yield sse_event(chunk)
-            elif isinstance(reply, StreamEnd):
-                for chunk in chunks.finish(i, reply.finish_reason):
-                    yield sse_event(chunk)
-        if plan.include_usage:
-            yield sse_event(chunks.usage(choices.usage(plan.n)))
-    except CyError as exc:
-        outcome = exc.code.value
-        yield sse_event(error_body(exc))
-    except Exception:
-        outcome = ErrorCode.INTERNAL_ERROR.value
-        log.exception("stream_failed")
-        yield sse_event(error_body(CyError(ErrorCode.INTERNAL_ERROR, "internal error")))
-    finally:
-        await choices.close()
-        if outcome == "ok" and any(o.finish_reason is None for o in choices.outcomes):
-            outcome = "client_disconnected"
-        log.info("request", status=200, outcome=outcome, **choices.log_fields())
-    yield SSE_DONE
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        bind_plan(plan, route)
+        try:
+            yield b""  # priming (see _Started); never sent
+            for i in range(len(plan.requests)):
+                if (opening := chunks.opening(i)) is not None:
+                    yield sse_event(opening)
+            async for item in choices.replies(core.settings.keepalive_interval):
+                if item is None:
+                    yield SSE_KEEPALIVE
+                    continue
+                i, reply = item
+                if isinstance(reply, TokenChunk):
+                    for chunk in chunks.content(i, reply):
+                        yield sse_event(chunk)
+                elif isinstance(reply, StreamEnd):
+                    for chunk in chunks.finish(i, reply.finish_reason):
+                        yield sse_event(chunk)
+            if plan.include_usage:
+                yield sse_event(chunks.usage(choices.usage(plan.n)))
+        finally:
+            await choices.close()
+
+    return guarded(
+        body(),
+        lambda exc: sse_event(error_body(exc)),
+        finished=lambda: all(o.finish_reason is not None for o in choices.outcomes),
+        log_fields=choices.log_fields,
+    )
 
 
 def make_blueprint(core: GatewayCore) -> Blueprint:

@@ -382,16 +382,7 @@ class Worker:
     # --- one request ---------------------------------------------------------------------------
     async def _run(self, req: GenerateRequest) -> None:
         trace_id = req.trace_id
-        meta = req.metadata
-        structlog.contextvars.bind_contextvars(
-            trace_id=trace_id,
-            model_id=req.model_id,
-            adapter=req.adapter or None,
-            client_trace_id=meta.trace_id or None,
-            tenant=meta.tenant or None,
-            player_id=meta.player_id or None,
-            locale=meta.locale or None,
-        )
+        structlog.contextvars.bind_contextvars(**req.log_context())
         task = asyncio.current_task()
         assert task is not None
         self._active[trace_id] = task
