@@ -18,8 +18,8 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from services.models.registry import Registry
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
+from services.training.paths import Roots
 from tests.helpers import API_KEY, Gateway, NatsServer
 from tests.trainer.helpers import running_trainer, unique, varied_rows, write_jsonl
 

@@ -14,8 +14,8 @@ import pytest
 
 from services.engine.worker import Worker
 from services.models.registry import Registry
-from services.trainer.paths import Roots
 from services.trainer.worker import DATASETS_CACHE
+from services.training.paths import Roots
 from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
 from tests.trainer.helpers import (
     ANSWER,

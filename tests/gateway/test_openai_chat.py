@@ -4,7 +4,7 @@ HTTP server, a real nats-server and the tiny random-weight model (the registry's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,14 +18,6 @@ from tests.helpers import Gateway, wait_until
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    assert gateway.lite_url, "the Lite API app is not served"
-    client = AsyncOpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=60)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -15,14 +15,6 @@ from services.models.registry import Registry
 from tests.helpers import Gateway
 
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture
-async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    assert gateway.lite_url, "the Lite API app is not served"
-    client = AsyncOpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=60)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

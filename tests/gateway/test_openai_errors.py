@@ -21,21 +21,10 @@ from schemas import codec, subjects
 from schemas.inference import GenerationParams
 from schemas.workers import ServedModel, WorkerInfo
 from services.models.registry import Registry
+from tests.gateway.conftest import sdk
 from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-def sdk(url: str | None, api_key: str = "unused") -> AsyncOpenAI:
-    assert url, "the Lite API app is not served"
-    return AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=60)
-
-
-@pytest.fixture
-async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    client = sdk(gateway.lite_url)
-    yield client
-    await client.close()
 
 
 async def chat(client: AsyncOpenAI, **params: Any) -> Any:

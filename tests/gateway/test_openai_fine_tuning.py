@@ -16,6 +16,7 @@ from openai import AsyncOpenAI
 
 from services.models.registry import Registry
 from services.trainer.worker import Trainer
+from tests.gateway.conftest import sdk
 from tests.helpers import Gateway, NatsServer
 from tests.trainer.helpers import ANSWER, QUESTION, roots_for, running_trainer, unique
 
@@ -24,7 +25,7 @@ CHAT_ROWS = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assi
 
 @pytest.fixture
 async def client(gw: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    async with AsyncOpenAI(base_url=gw.lite_url, api_key="unused", max_retries=0, timeout=120) as c:
+    async with sdk(gw.lite_url) as c:
         yield c
 
 

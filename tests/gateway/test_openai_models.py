@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -13,21 +12,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from services.models.registry import Registry
+from tests.gateway.conftest import sdk
 from tests.helpers import Gateway, NatsServer, running_gateway, running_worker, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-def sdk(url: str | None) -> AsyncOpenAI:
-    assert url, "the Lite API app is not served"
-    return AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture
-async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    client = sdk(gateway.lite_url)
-    yield client
-    await client.close()
 
 
 def with_adapters(registry: Registry, model_id: str, adapters: dict[str, str], **changes: str) -> Registry:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from services.models.registry import ModelSpec, Registry
 from tests.engine.contract import make_adapter_dir
+from tests.gateway.conftest import sdk
 from tests.helpers import Gateway, NatsServer, real_model_dir, running_gateway, running_worker, wait_until
 
 PERSON: dict[str, Any] = {
@@ -46,17 +47,12 @@ class Person(BaseModel):
     mood: Literal["happy", "sad", "calm"]
 
 
-def client_for(gateway: Gateway) -> AsyncOpenAI:
-    assert gateway.lite_url
-    return AsyncOpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=120)
-
-
 # --- the gateway's checks and the transformers engine (tiny model; fast) -----------------------------------
 
 
 @pytest.fixture
 async def tiny(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    client = client_for(gateway)
+    client = sdk(gateway.lite_url)
     yield client
     await client.close()
 
@@ -131,7 +127,7 @@ async def ov_gateway(nats_server: NatsServer, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture
 async def ov(ov_gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
-    client = client_for(ov_gateway)
+    client = sdk(ov_gateway.lite_url)
     yield client
     await client.close()
 

@@ -1,0 +1,23 @@
+"""What the gateway tests share: the official OpenAI SDK pointed at a gateway's `/v1` app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from openai import AsyncOpenAI
+
+from tests.helpers import Gateway
+
+
+def sdk(url: str | None, api_key: str = "unused", timeout: float = 120) -> AsyncOpenAI:
+    """An async SDK client for a `/v1` base URL: no retries (a test sees the first answer), a generous timeout."""
+    assert url, "the Lite API app is not served"
+    return AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout)
+
+
+@pytest.fixture
+async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
+    """The SDK on the session's gateway (the tiny model is the default; the real one when a test starts it)."""
+    async with sdk(gateway.lite_url) as client:
+        yield client
