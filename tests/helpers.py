@@ -7,6 +7,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from gateway.openai.app import create_lite_app
 from gateway.server import hypercorn_config
 from gateway.settings import GatewaySettings
 from infra.nats import free_port, start_nats
+from schemas import codec, subjects
+from schemas.workers import ServedModel, WorkerInfo
 from services.engine.worker import Worker, WorkerSettings
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec, Registry, load_registry
@@ -186,6 +189,23 @@ async def running_gateway(nats_url: str, registry: Registry, **overrides: Any) -
         stop.set()
         await asyncio.wait(tasks, timeout=10)
         await core.close()
+
+
+async def announce_ghost_worker(gw: Gateway, worker_id: str, model_id: str = "unserved", alive_s: int = 60) -> None:
+    """Put a worker in the workers bucket that serves `model_id` and stays alive for `alive_s` but never pulls,
+    and wait until the gateway counts the model ready: requests for it then wait in the queue."""
+    ghost = WorkerInfo(
+        worker_id=worker_id,
+        engine="transformers",
+        device="cpu",
+        slots_total=1,
+        heartbeat_ms=int(time.time() * 1000) + alive_s * 1000,
+        heartbeat_interval=alive_s // 2,
+        models=[ServedModel(model_id=model_id, status="ready", engine="transformers")],
+    )
+    kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
+    await kv.put(subjects.worker_key(worker_id), codec.encode(ghost))
+    await wait_until(lambda: gw.core.workers.model_state(model_id) == "ready")
 
 
 async def _wait_port(port: int) -> None:

@@ -244,22 +244,11 @@ async def test_concurrent_requests_all_complete(gateway: Gateway) -> None:
 
 async def test_queue_wait_past_the_deadline_gets_503_not_a_hang(nats_server, registry) -> None:  # type: ignore[no-untyped-def]
     """A worker that announces itself but never pulls: the gateway gives up after queue_timeout."""
-    from tests.helpers import running_gateway, wait_until
+    from tests.helpers import announce_ghost_worker, running_gateway
 
-    ghost = WorkerInfo(
-        worker_id="ghost-1",
-        engine="transformers",
-        device="cpu",
-        slots_total=1,
-        heartbeat_ms=int(time.time() * 1000) + 60_000,
-        heartbeat_interval=30,
-        models=[ServedModel(model_id="unserved", status="ready", engine="transformers")],
-    )
     async with running_gateway(nats_server.url, registry, queue_timeout=1.0) as gw:
-        kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
-        await kv.put(subjects.worker_key("ghost-1"), codec.encode(ghost))
         try:
-            await wait_until(lambda: gw.core.workers.model_state("unserved") == "ready")
+            await announce_ghost_worker(gw, "ghost-1")
             started = time.monotonic()
             async with gw.client() as client:
                 r = await client.post("/api/v1/inference", json=body(modelId="unserved"))
@@ -267,6 +256,7 @@ async def test_queue_wait_past_the_deadline_gets_503_not_a_hang(nats_server, reg
             assert "picked up" in r.json()["error"]["message"]
             assert time.monotonic() - started < 5
         finally:
+            kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
             await kv.delete(subjects.worker_key("ghost-1"))
             # Nobody will ever serve it: remove it from the queue so other tests see an empty queue.
             await gw.core.js.purge_stream(subjects.GENERATE_STREAM)

@@ -6,10 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from schemas import codec, subjects
-from schemas.workers import ServedModel, WorkerInfo
 from services.models.registry import Registry
-from tests.helpers import NatsServer, running_gateway, wait_until
+from tests.helpers import NatsServer, announce_ghost_worker, running_gateway, wait_until
 
 BODY = {"modelId": "tiny", "prompt": "hi", "generation": {"temperature": 0, "maxNewTokens": 4}}
 
@@ -61,18 +59,7 @@ async def test_a_full_queue_gets_503_insufficient_resources_with_retry_after(
     try:
         async with running_gateway(server.url, registry, queue_max_size=2, queue_timeout=30) as gw:
             # A worker that is alive but never pulls keeps the queue full.
-            ghost = WorkerInfo(
-                worker_id="ghost",
-                engine="transformers",
-                device="cpu",
-                slots_total=1,
-                heartbeat_ms=int(time.time() * 1000) + 120_000,
-                heartbeat_interval=60,
-                models=[ServedModel(model_id="unserved", status="ready", engine="transformers")],
-            )
-            kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
-            await kv.put(subjects.worker_key("ghost"), codec.encode(ghost))
-            await wait_until(lambda: gw.core.workers.model_state("unserved") == "ready")
+            await announce_ghost_worker(gw, "ghost", alive_s=120)
             body = {**BODY, "modelId": "unserved"}
             async with gw.client() as client:
                 waiting = [asyncio.create_task(client.post("/api/v1/inference", json=body)) for _ in range(2)]
