@@ -1,9 +1,11 @@
-"""What the gateway tests share: the official OpenAI SDK pointed at a gateway's `/v1` app."""
+"""What the gateway tests share: an HTTP client on the module's gateway `gw`, and the official OpenAI SDK pointed
+at a gateway's `/v1` app."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 from openai import AsyncOpenAI
 
@@ -21,3 +23,10 @@ async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
     """The SDK on the session's gateway (the tiny model is the default; the real one when a test starts it)."""
     async with sdk(gateway.lite_url) as client:
         yield client
+
+
+@pytest.fixture
+async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    """An `/api/v1` client (with the API key) on the module's gateway `gw`."""
+    async with gw.client() as c:
+        yield c

@@ -55,12 +55,6 @@ async def gw(
         yield gateway
 
 
-@pytest.fixture
-async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with gw.client() as c:
-        yield c
-
-
 def jsonl(rows: list[Any]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 

@@ -34,12 +34,6 @@ FAST_LORA = {"r": 8, "loraAlpha": 16, "loraDropout": 0.0, "targetModules": ["q_p
 
 
 @pytest.fixture
-async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with gw.client() as c:
-        yield c
-
-
-@pytest.fixture
 async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
     async with running_trainer(nats_server.url, registry, roots) as t:
         yield t
