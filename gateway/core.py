@@ -22,9 +22,10 @@ from schemas import subjects
 from services import streams
 from services.models.registry import Registry, load_registry
 from services.runtime import Tasks, close_nats, connect_nats
-from services.trainer.datasets_store import DatasetStore
-from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
+from services.training.dataset_store import DatasetStore
+from services.training.jobs import JobService
+from services.training.paths import Roots
+from services.training.records import JobRecords
 
 log = structlog.get_logger()
 
@@ -70,8 +71,8 @@ class GatewayCore:
             link=self.link,
         )
         roots = Roots.from_settings(self.settings.datasets_dir, self.settings.outputs_dir)
-        self.training = JobService(self.nc, self.registry, roots)
         self.datasets = DatasetStore(self.js)
+        self.training = JobService(JobRecords(self.nc), self.registry, roots, self.datasets)
         self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
 
     async def _reensure(self) -> None:

@@ -171,7 +171,7 @@ class GatewayMetrics:
 
     async def _training_jobs(self) -> GaugeMetricFamily:
         counts = dict.fromkeys(JOB_STATES, 0)
-        for job in await self._core.training.all_jobs():
+        for job in await self._core.training.records.all_jobs():
             counts[job.status] = counts.get(job.status, 0) + 1
         family = GaugeMetricFamily(
             "cy_llm:training_jobs", "Training jobs in the jobs bucket, by state", labels=["state"]

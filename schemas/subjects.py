@@ -196,7 +196,7 @@ TRAINING_EVENTS_STREAM = f"{_STREAM_PREFIX}_TRAINING_EVENTS"
 TRAINING_EVENTS_SUBJECTS = f"{PREFIX}.training.events.>"
 TRAINING_CONTROL_ALL = f"{PREFIX}.training.control.*"
 TRAINING_API_ALL = f"{PREFIX}.training.api.*"
-# Queue group of the TrainingService responders (every trainer answers; one answers each request).
+# Queue group of the training API responders (JobService.handle in every trainer; one answers each request).
 TRAINING_API_GROUP = "training-api"
 TRAINING_ALL = f"{PREFIX}.training.>"
 
@@ -239,7 +239,7 @@ def adapters_updates(model_id: str) -> str:
 
 
 def training_api_subject(verb: str) -> str:
-    """Request/reply for the TrainingService verbs: start, status, cancel, pause, resume, list."""
+    """Request/reply for the training API verbs (JobService): start, status, cancel, pause, resume, list."""
     return f"{PREFIX}.training.api.{verb}"
 
 

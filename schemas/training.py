@@ -1,5 +1,5 @@
 """Training events: the job record kept in the jobs KV bucket, queue tickets, progress events, control
-messages, and the request/reply messages of the TrainingService verbs on NATS.
+messages, and the request/reply messages of the training API verbs (JobService) on NATS.
 
 Field names follow the spec's gRPC `TrainingService` messages (snake_case); the HTTP edge renames them
 to the spec's camelCase. Every field added after v1 must have a default so older payloads keep
@@ -190,7 +190,7 @@ class AdapterRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     size: int = 0
 
 
-# --- TrainingService verbs: request on `subjects.training_api_subject(verb)`, reply = TrainingReply --
+# --- Training API verbs (JobService): request on `subjects.training_api_subject(verb)`, reply = TrainingReply
 class StartTraining(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Verb `start` (the spec's TrainingRequest, plus `adapter_name`)."""
 

@@ -7,7 +7,7 @@ then lists every running instance with its endpoints and request statistics:
   Endpoint `info` on `cy.v1.workers.<worker>.info`: the worker's `WorkerInfo` (msgpack), the same record
   as its heartbeat in the workers bucket, asked for directly.
 - `cy-llm-training`, one instance per trainer; metadata: trainer_id, metrics_url. Endpoints `start`,
-  `status`, `cancel`, `pause`, `resume`, `list` are the TrainingService verbs on `cy.v1.training.api.<verb>`
+  `status`, `cancel`, `pause`, `resume`, `list` are the training API verbs (JobService) on `cy.v1.training.api.<verb>`
   in queue group `training-api` (one trainer answers each request), exactly the subjects and payloads they
   had before they were registered here.
 """
@@ -64,7 +64,7 @@ async def add_worker_service(
 async def add_training_service(
     nc: NATS, handle: Callable[[str, bytes], Awaitable[msgspec.Struct]], *, trainer_id: str, metrics_url: str = ""
 ) -> Service:
-    """`handle(verb, request bytes)` answers one TrainingService request and never raises (JobService.handle)."""
+    """`handle(verb, request bytes)` answers one training API request and never raises (JobService.handle)."""
     service = await add_service(
         nc,
         name=TRAINING_SERVICE,

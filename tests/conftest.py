@@ -10,7 +10,7 @@ import pytest
 
 from services.engine.worker import Worker
 from services.models.registry import Registry
-from services.trainer.paths import Roots
+from services.training.paths import Roots
 from tests.helpers import (
     Gateway,
     NatsServer,

@@ -24,8 +24,8 @@ from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraini
 from services import adapter_store, streams
 from services.engine.worker import Worker
 from services.models.registry import Registry
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
+from services.training.paths import Roots
 from tests.helpers import NatsServer, running_gateway, running_worker, wait_until
 from tests.trainer.helpers import (
     ACK_WAIT_S,

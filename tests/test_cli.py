@@ -14,8 +14,8 @@ import pytest
 
 from gateway.cli.client import SseEvent, error_from_payload, parse_sse
 from services.models.registry import Registry
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
+from services.training.paths import Roots
 from tests.helpers import API_KEY, Gateway, NatsServer
 from tests.trainer.helpers import running_trainer, unique, varied_rows, write_jsonl
 

@@ -65,7 +65,7 @@ async def test_ping_lists_the_worker_and_training_services_and_info_reaches_the_
             worker_info = codec.worker_decoder.decode(reply.data)
             assert worker_info.worker_id == "tiny-w1" and worker_info.slots_total == 8
 
-            # The trainer's endpoints are the TrainingService verbs; STATS counts the requests they answered.
+            # The trainer's endpoints are the training API verbs (JobService); STATS counts the requests they answered.
             (training,) = [
                 i for i in await gather(nc, f"$SRV.INFO.{TRAINING_SERVICE}") if i["metadata"]["trainer_id"] == "disc-t1"
             ]

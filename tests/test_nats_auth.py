@@ -103,7 +103,7 @@ async def test_the_gateway_worker_and_trainer_work_with_their_role_users(
             assert r.status_code == 200, r.text
             r = await client.get("/api/v1/training/list")
             assert r.status_code == 200, r.text
-        # The trainer answers the TrainingService verbs (here asked with the gateway's user).
+        # The trainer answers the training API verbs (JobService; here asked with the gateway's user).
         nc = await connect_nats(NatsSettings(nats_url=secured.url, internal_token=TOKEN), "t", role="gateway")
         try:
             answer = await nc.request(subjects.training_api_subject("list"), b"\x80", timeout=10)

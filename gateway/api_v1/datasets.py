@@ -15,7 +15,7 @@ from gateway.api_v1.training import iso
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from schemas.errors import invalid
-from services.trainer.datasets_store import DatasetInfo
+from services.training.dataset_store import DatasetInfo
 
 # Content types of a raw (non-multipart) upload body; any other is refused, so a form post is never
 # mistaken for a dataset.

@@ -336,7 +336,7 @@ class TrainingEventView(msgspec.Struct, kw_only=True, rename="camel"):
 
 
 # --- /datasets ------------------------------------------------------------------------------------------
-# Dataset rows as services/trainer/datasets.py validates them (documentation of the upload body only).
+# Dataset rows as services/training/datasets.py validates them (documentation of the upload body only).
 
 
 class AlpacaRow(msgspec.Struct, kw_only=True):

@@ -1,6 +1,6 @@
 """/api/v1/training: start, status, cancel, pause, resume, list, and the progress events (SSE).
 
-The routes call the gateway core's JobService (services/trainer/jobs.py) in-process: the job record in the
+The routes call the gateway core's JobService (services/training/jobs.py) in-process: the job record in the
 JetStream KV bucket is the source of truth, so every route works while the trainers are busy or down.
 The request bodies are in protocol.py (derived from the snake_case wire structs).
 """
@@ -35,7 +35,7 @@ from schemas.training import (
     TrainingJob,
     event_decoder,
 )
-from services.trainer.jobs import JobService
+from services.training.jobs import JobService
 
 log = structlog.get_logger()
 
@@ -230,7 +230,7 @@ async def _events(
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if after:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-    await svc.kv()  # the events stream exists
+    await svc.records.kv()  # the events stream exists
     sub = await core.js.subscribe(
         subjects.training_events_subject(job.job_id),
         stream=subjects.TRAINING_EVENTS_STREAM,

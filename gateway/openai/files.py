@@ -14,7 +14,7 @@ from gateway.api_v1.datasets import read_upload
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from gateway.openai.errors import bad_request
-from services.trainer.datasets_store import DatasetInfo
+from services.training.dataset_store import DatasetInfo
 
 PURPOSE = "fine-tune"
 

@@ -25,7 +25,7 @@ from gateway.openai.errors import bad_request, decode_request
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 from schemas.training import HyperParams, ListJobs, StartTraining, TrainingEvent, TrainingJob, event_decoder
-from services.trainer.jobs import JobService
+from services.training.jobs import JobService
 
 BASE_LEARNING_RATE = HyperParams().learning_rate
 _STATUS = {"completed": "succeeded"}
@@ -217,7 +217,7 @@ def _as_openai(exc: CyError) -> CyError:
 
 async def _stored_events(core: GatewayCore, svc: JobService, job: TrainingJob) -> list[tuple[int, TrainingEvent]]:
     """Every stored event of the job with its stream sequence, oldest first."""
-    await svc.kv()  # the events stream exists
+    await svc.records.kv()  # the events stream exists
     sub = await core.js.subscribe(
         subjects.training_events_subject(job.job_id),
         stream=subjects.TRAINING_EVENTS_STREAM,

@@ -24,8 +24,9 @@ import structlog
 import torch
 
 from schemas.training import EffectiveLora, EventKind, HyperParams, Progress
-from services.trainer import datasets
-from services.trainer.datasets import IGNORE_INDEX, DatasetError, Encoded
+from services.trainer.encoding import IGNORE_INDEX, Encoded, encode
+from services.training import datasets
+from services.training.datasets import DatasetError
 
 log = structlog.get_logger()
 
@@ -159,7 +160,7 @@ class _Run:
         max_len = min(hp.max_seq_length, plan.max_model_len)
         encoded: list[Encoded] = []
         for example in examples:
-            item = datasets.encode(example, tokenizer, max_len)
+            item = encode(example, tokenizer, max_len)
             if item is not None:
                 encoded.append(item)
         if not encoded:

@@ -6,7 +6,8 @@ trainer resumes the job from its last checkpoint. Ownership is fenced by the job
 a compare-and-set that checks `owner`, so a trainer that lost its job (it stalled past `ack_wait` and
 another one took over) notices at its next write and stops without touching the files again.
 
-The trainer also answers the TrainingService verbs on NATS for direct publishers (see jobs.py).
+The trainer also answers the training API verbs (`JobService`, services/training/jobs.py) on NATS for direct
+publishers.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from services.models.files import ensure_model
 from services.models.registry import Registry, load_registry
 from services.runtime import NatsSettings, Tasks, close_nats, connect_nats
 from services.trainer import loop
-from services.trainer.jobs import JobService, now_ms
-from services.trainer.paths import Roots, confine
+from services.training.dataset_store import DatasetStore
+from services.training.jobs import JobService
+from services.training.paths import Roots, confine
+from services.training.records import JobRecords, now_ms
 
 log = structlog.get_logger()
 
@@ -110,7 +113,9 @@ class Trainer:
         self.registry = registry or load_registry()
         self.roots = Roots.from_settings(settings.datasets_dir, settings.outputs_dir)
         self.nc: NATS | None = None
-        self.jobs: JobService
+        self.records: JobRecords
+        self.datasets: DatasetStore
+        self.api: JobService
         self._files: ObjectStore
         self._bridge: _Bridge | None = None
         self._tasks = Tasks()
@@ -136,8 +141,10 @@ class Trainer:
             self.settings, name=f"cy-trainer-{self.trainer_id}", role="trainer", reconnected=self._reensure
         )
         js = self.nc.jetstream()
-        self.jobs = JobService(self.nc, self.registry, self.roots, trainer_id=self.trainer_id)
-        await self.jobs.kv()
+        self.records = JobRecords(self.nc, trainer_id=self.trainer_id)
+        self.datasets = DatasetStore(js)
+        self.api = JobService(self.records, self.registry, self.roots, self.datasets)
+        await self.records.kv()
         _, self._adapters = await streams.ensure_training(js)
         self._files = await streams.ensure_adapter_files(js)
         await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
@@ -147,10 +154,10 @@ class Trainer:
         self._metrics_server = serve_metrics(
             self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
         )
-        # The TrainingService verbs, registered as the NATS micro service `cy-llm-training` (discovery.py).
+        # The training API verbs, registered as the NATS micro service `cy-llm-training` (discovery.py).
         await add_training_service(
             self.nc,
-            self.jobs.handle,
+            self.api.handle,
             trainer_id=self.trainer_id,
             metrics_url=self._metrics_server.url if self._metrics_server else "",
         )
@@ -217,7 +224,7 @@ class Trainer:
             await msg.term()
             return
         try:
-            job = await self.jobs.get(ticket.job_id)
+            job = await self.records.get(ticket.job_id)
         except CyError:
             await msg.ack()
             return
@@ -226,7 +233,7 @@ class Trainer:
             if job.status == "cancelled" and job.control == "cancel" and ticket.ticket == job.ticket:
                 # Cancelled while running, and its trainer never acked the ticket: that trainer died before it
                 # could write the job's last event, so it falls to us.
-                await self.jobs.event(
+                await self.records.event(
                     job, "cancelled", "cancelled while running; its trainer had stopped", job.progress
                 )
             await msg.ack()
@@ -238,7 +245,7 @@ class Trainer:
             await self._finish_failed(job.job_id, error, force=True)
             await msg.ack()
             return
-        claimed = await self.jobs.mutate(job.job_id, lambda j: self._claim(j, ticket.ticket))
+        claimed = await self.records.mutate(job.job_id, lambda j: self._claim(j, ticket.ticket))
         if claimed.owner != self.trainer_id or claimed.status != "running":
             await msg.ack()
             return
@@ -304,7 +311,7 @@ class Trainer:
         is shared with the gateway); None for a `datasetPath` job. Raises CyError."""
         if not job.dataset_id:
             return None
-        return await self.jobs.datasets.fetch(job.dataset_id, job.dataset_digest, self.roots.datasets / DATASETS_CACHE)
+        return await self.datasets.fetch(job.dataset_id, job.dataset_digest, self.roots.datasets / DATASETS_CACHE)
 
     def _plan(self, job: TrainingJob, fetched: Path | None = None) -> loop.Plan:
         """Resolve the model and re-check the paths against this trainer's roots. Raises CyError."""
@@ -352,7 +359,7 @@ class Trainer:
                 await self._upload_checkpoint(bridge.job.job_id, bridge.output_path, progress.step)
             try:
                 self.metrics.observe_progress(bridge.job.job_id, kind, progress.step, progress.elapsed_s, progress.loss)
-                await self.jobs.event(bridge.job, kind, message, progress)
+                await self.records.event(bridge.job, kind, message, progress)
                 # Not throttled: every event but "step", so a saved checkpoint shows in the record at once.
                 if kind != "step" or loop_time() - last_write >= PROGRESS_WRITE_INTERVAL_S:
                     last_write = loop_time()
@@ -375,7 +382,7 @@ class Trainer:
                 job.message = message
             return job
 
-        job = await self.jobs.mutate(bridge.job.job_id, change)
+        job = await self.records.mutate(bridge.job.job_id, change)
         self._obey(bridge, job)
 
     def _obey(self, bridge: _Bridge, job: TrainingJob) -> None:
@@ -392,7 +399,7 @@ class Trainer:
             return
         try:
             control_decoder.decode(msg.data)
-            self._obey(bridge, await self.jobs.get(bridge.job.job_id))
+            self._obey(bridge, await self.records.get(bridge.job.job_id))
         except Exception as exc:
             log.warning("training_control_failed", error=repr(exc))
 
@@ -401,8 +408,8 @@ class Trainer:
         result = outcome.result
         if result == "cancelled":
             await msg.ack()
-            record = await self.jobs.get(job.job_id)
-            await self.jobs.event(
+            record = await self.records.get(job.job_id)
+            await self.records.event(
                 record, "cancelled", f"cancelled while running, after step {outcome.progress.step}", outcome.progress
             )
             log.info("training_job_cancelled", step=outcome.progress.step)
@@ -427,9 +434,9 @@ class Trainer:
                 record.owner = ""
             return record
 
-        record = await self.jobs.mutate(job.job_id, change)
+        record = await self.records.mutate(job.job_id, change)
         if record.status == status:
-            await self.jobs.event(record, kind, message, outcome.progress)  # type: ignore[arg-type]
+            await self.records.event(record, kind, message, outcome.progress)  # type: ignore[arg-type]
         if result == "stopped":
             await msg.nak()
         else:
@@ -495,9 +502,9 @@ class Trainer:
             record.completed_ms, record.owner, record.control = now_ms(), "", ""
             return record
 
-        record = await self.jobs.mutate(job_id, change)
+        record = await self.records.mutate(job_id, change)
         if record.status == "failed":
-            await self.jobs.event(record, "failed", error.body.message, record.progress)
+            await self.records.event(record, "failed", error.body.message, record.progress)
         log.warning("training_job_failed", job_id=job_id, code=error.code.value, error=error.body.message)
 
 

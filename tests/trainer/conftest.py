@@ -1,4 +1,4 @@
-"""Training fixtures: the datasets/outputs roots of the session, the TrainingService, a trainer per test."""
+"""Training fixtures: the datasets/outputs roots of the session, the JobService, a trainer per test."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.models.registry import Registry
-from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
+from services.training.jobs import JobService
+from services.training.paths import Roots
 from tests.helpers import NatsServer
 from tests.trainer.helpers import job_service, roots_for, running_trainer
 

@@ -19,9 +19,11 @@ import nats
 from schemas import subjects
 from schemas.training import FINISHED, ListJobs, TrainingJob, job_decoder
 from services.models.registry import Registry
-from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer, TrainerSettings
+from services.training.dataset_store import DatasetStore
+from services.training.jobs import JobService
+from services.training.paths import Roots
+from services.training.records import JobRecords
 
 # Every trainer of the test session shares one queue consumer, so they share its ack wait too.
 ACK_WAIT_S = 3.0
@@ -100,7 +102,7 @@ async def running_trainer(nats_url: str, registry: Registry, roots: Roots, **ove
     try:
         yield trainer
     finally:
-        await cancel_unfinished(trainer.jobs)
+        await cancel_unfinished(trainer.api)
         await trainer.stop()
 
 
@@ -114,10 +116,10 @@ async def cancel_unfinished(jobs: JobService) -> None:
 
 @contextlib.asynccontextmanager
 async def job_service(nats_url: str, registry: Registry, roots: Roots) -> AsyncIterator[JobService]:
-    """The TrainingService without any trainer (what the gateway embeds)."""
+    """The JobService without any trainer (what the gateway embeds)."""
     nc = await nats.connect(nats_url)
     try:
-        yield JobService(nc, registry, roots, pause_wait=5.0)
+        yield JobService(JobRecords(nc), registry, roots, DatasetStore(nc.jetstream()), pause_wait=5.0)
     finally:
         await nc.drain()
 

@@ -26,9 +26,9 @@ from schemas.training import (
     reply_decoder,
 )
 from services.models.registry import Registry
-from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
 from services.trainer.worker import Trainer
+from services.training.jobs import JobService
+from services.training.paths import Roots
 from tests.helpers import NatsServer
 from tests.trainer.helpers import (
     running_trainer,
@@ -97,7 +97,7 @@ async def test_a_job_trains_checkpoints_evaluates_and_registers_its_adapter_as_l
 
     adapter_dir = roots.outputs / req.output_dir / "adapter"
     assert (adapter_dir / "adapter_config.json").exists()
-    kv = await jobs.js.key_value(subjects.ADAPTERS_BUCKET)
+    kv = await jobs.records.js.key_value(subjects.ADAPTERS_BUCKET)
     record = adapter_decoder.decode((await kv.get(subjects.adapter_key("tiny", job.adapter_name))).value or b"")
     # The files travel through the object store too (the record names the object and its sha256).
     assert record.object and len(record.digest) == 64 and record.size > 0
@@ -324,7 +324,7 @@ async def test_a_job_whose_trainers_keep_dying_fails_instead_of_looping(
         record.status, record.owner, record.attempt, record.restarts = "running", "ghost", 2, 1
         return record
 
-    await jobs.mutate(job.job_id, ghost_owned)  # as if its trainers had died twice
+    await jobs.records.mutate(job.job_id, ghost_owned)  # as if its trainers had died twice
     async with running_trainer(nats_server.url, registry, roots, trainer_max_restarts=1):
         failed = await wait_finished(jobs, job.job_id)
     assert failed.status == "failed" and "kept dying" in failed.message

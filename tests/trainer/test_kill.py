@@ -11,8 +11,8 @@ import nats
 from schemas import subjects
 from schemas.training import HyperParams, LoraConfig, StartTraining, TrainingEvent, event_decoder
 from services.models.registry import Registry
-from services.trainer.jobs import JobService
-from services.trainer.paths import Roots
+from services.training.jobs import JobService
+from services.training.paths import Roots
 from tests.helpers import NatsServer
 from tests.trainer.helpers import (
     ACK_WAIT_S,

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
-from services.models.registry import Registry
-from services.trainer import datasets
-from services.trainer.datasets import IGNORE_INDEX, DatasetError
+from services.training import datasets
+from services.training.datasets import DatasetError
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -82,34 +80,3 @@ def test_a_bad_dataset_is_refused_with_a_message_naming_row_and_field(
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         datasets.load(tmp_path / "nope.jsonl")
-
-
-def test_only_assistant_tokens_carry_labels_and_the_template_matches_inference(registry: Registry) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(registry.models["tiny"].model_path)
-    example = datasets.Example(1, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A!"}])
-    encoded = datasets.encode(example, tokenizer, 256)
-    assert encoded is not None
-    learned = str(tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX]))
-    assert learned.startswith("A!<|im_end|>")
-    # The prompt part is exactly what the engine feeds the model for a chat request.
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Q?"}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    assert encoded.input_ids[: len(prompt)] == list(prompt)
-    assert all(t == IGNORE_INDEX for t in encoded.labels[: len(prompt)])
-
-
-def test_every_assistant_turn_of_a_conversation_is_learned(registry: Registry) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(registry.models["tiny"].model_path)
-    turns = [("user", "one"), ("assistant", "uno"), ("user", "two"), ("assistant", "dos")]
-    example = datasets.Example(1, [{"role": r, "content": c} for r, c in turns])
-    encoded = datasets.encode(example, tokenizer, 256)
-    assert encoded is not None
-    learned = tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX])
-    assert "uno" in learned and "dos" in learned and "one" not in learned and "two" not in learned
-
-
-def test_a_row_truncated_before_its_answer_is_dropped(registry: Registry) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(registry.models["tiny"].model_path)
-    example = datasets.Example(1, [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "x"}])
-    assert datasets.encode(example, tokenizer, 32) is None

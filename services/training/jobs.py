@@ -1,10 +1,11 @@
-"""The TrainingService verbs over the jobs KV bucket: start, status, list, cancel, pause, resume.
+"""`JobService`: the training API verbs over the job records (records.py): start, status, list, cancel, pause,
+resume.
 
 Used in-process by the gateway (so status and list work while every trainer is busy or down) and served
 on NATS request/reply by the trainers (`subjects.training_api_subject(verb)`, queue group
 `subjects.TRAINING_API_GROUP`) for direct publishers. The record in the KV bucket is the source of
-truth; every change is a compare-and-set on its revision (`mutate`), so the API and the trainer that owns
-a job never overwrite each other.
+truth; every change is a compare-and-set on its revision (`JobRecords.mutate`), so the API and the trainer
+that owns a job never overwrite each other.
 
 State changes: start -> queued; trainer: queued -> running -> completed | failed | paused (pause) |
 queued (trainer shut down); cancel: queued | running | paused -> cancelled; pause: queued -> paused,
@@ -24,10 +25,8 @@ from pathlib import Path
 
 import msgspec
 import structlog
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -36,48 +35,31 @@ from schemas.errors import CyError, ErrorCode, ErrorDetail, invalid
 from schemas.training import (
     API_VERBS,
     FINISHED,
-    EventKind,
+    ErrorReply,
     HyperParams,
     JobRef,
     JobReply,
     ListJobs,
     ListReply,
-    Progress,
-    QueueTicket,
     StartTraining,
-    TrainingControl,
-    TrainingEvent,
     TrainingJob,
     TrainingReply,
-    job_decoder,
 )
 from services import streams
 from services.models.registry import Registry
-from services.trainer import datasets
-from services.trainer.datasets_store import DatasetStore
-from services.trainer.paths import Roots, confine
+from services.training import datasets
+from services.training.dataset_store import DatasetStore
+from services.training.paths import Roots, confine
+from services.training.records import JobRecords, now_ms
 
 log = structlog.get_logger()
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 ACTIVE = frozenset({"queued", "running", "paused"})
 # A claim whose job record does not exist yet counts as active this long (its `start` is still running).
 CLAIM_GRACE_MS = 60_000
 # How long `pause` waits for the trainer to checkpoint and confirm before it answers anyway.
 PAUSE_WAIT_S = 30.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def not_found(job_id: str) -> CyError:
-    return CyError(
-        ErrorCode.TRAINING_JOB_NOT_FOUND,
-        f"Training job '{job_id}' does not exist",
-        details=[ErrorDetail(type="job_not_found", field="jobId", description=f"no job with id '{job_id}'")],
-    )
 
 
 def finished(job: TrainingJob, verb: str) -> CyError:
@@ -99,114 +81,28 @@ def derive_adapter_name(output_path: Path, job_id: str) -> str:
 
 
 class JobService:
+    """The API verbs. `records` is the record store they write through (the trainer serving them on NATS passes
+    its own, whose events carry its id); `datasets` holds the uploaded datasets a job may name."""
+
     def __init__(
-        self, nc: NATS, registry: Registry, roots: Roots, *, trainer_id: str = "", pause_wait: float = PAUSE_WAIT_S
+        self,
+        records: JobRecords,
+        registry: Registry,
+        roots: Roots,
+        datasets: DatasetStore,
+        *,
+        pause_wait: float = PAUSE_WAIT_S,
     ) -> None:
-        self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self.records = records
         self.registry = registry
         self.roots = roots
-        self.trainer_id = trainer_id
+        self.datasets = datasets
         self.pause_wait = pause_wait
-        self._kv: KeyValue | None = None
         self._claims: KeyValue | None = None
-        self._ready = asyncio.Lock()
-        self.datasets = DatasetStore(self.js)
 
-    async def kv(self) -> KeyValue:
-        """The jobs bucket (streams and buckets are created on first use)."""
-        if self._kv is None:
-            async with self._ready:
-                if self._kv is None:
-                    self._kv, _ = await streams.ensure_training(self.js)
-        return self._kv
-
-    # --- records -------------------------------------------------------------------------------
     async def get(self, job_id: str) -> TrainingJob:
-        """Raises CyError(TRAINING_JOB_NOT_FOUND)."""
-        return (await self._entry(job_id))[0]
-
-    async def _entry(self, job_id: str) -> tuple[TrainingJob, int]:
-        if not _JOB_ID.match(job_id):
-            raise not_found(job_id)
-        kv = await self.kv()
-        try:
-            entry = await kv.get(subjects.job_key(job_id))
-        except KeyNotFoundError:
-            raise not_found(job_id) from None
-        if not entry.value:
-            raise not_found(job_id)
-        return job_decoder.decode(entry.value), int(entry.revision or 0)
-
-    async def mutate(self, job_id: str, change: Callable[[TrainingJob], TrainingJob | None]) -> TrainingJob:
-        """Read, apply `change` (None = leave as is; it may raise), compare-and-set; retried on conflict."""
-        kv = await self.kv()
-        for _ in range(50):
-            job, revision = await self._entry(job_id)
-            updated = change(job)
-            if updated is None:
-                return job
-            updated.updated_ms = now_ms()
-            try:
-                await kv.update(subjects.job_key(job_id), codec.encode(updated), last=revision)
-            except KeyWrongLastSequenceError:
-                continue
-            return updated
-        raise CyError(ErrorCode.INTERNAL_ERROR, f"job '{job_id}' is changing too fast to update", retryable=True)
-
-    async def all_jobs(self) -> list[TrainingJob]:
-        kv = await self.kv()
-        watcher = await kv.watchall()
-        jobs: list[TrainingJob] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10)
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value:
-                    try:
-                        jobs.append(job_decoder.decode(entry.value))
-                    except msgspec.DecodeError as exc:
-                        log.warning("job_record_undecodable", key=entry.key, error=repr(exc))
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
-        return jobs
-
-    # --- events and signals --------------------------------------------------------------------
-    async def event(
-        self, job: TrainingJob, kind: EventKind, message: str = "", progress: Progress | None = None
-    ) -> None:
-        event = TrainingEvent(
-            job_id=job.job_id,
-            kind=kind,
-            status=job.status,
-            time_ms=now_ms(),
-            progress=progress,
-            message=message,
-            trainer_id=self.trainer_id,
-        )
-        await self.js.publish(subjects.training_events_subject(job.job_id), codec.encode(event))
-
-    async def enqueue(self, job: TrainingJob) -> None:
-        """Put the job's current ticket on the work queue. Raises CyError(INSUFFICIENT_RESOURCES) when full."""
-        ticket = QueueTicket(job_id=job.job_id, ticket=job.ticket)
-        try:
-            await self.js.publish(
-                subjects.TRAINING_QUEUE_SUBJECT,
-                codec.encode(ticket),
-                headers={"Nats-Msg-Id": f"{job.job_id}.{job.ticket}"},
-            )
-        except Exception as exc:
-            log.warning("training_enqueue_failed", job_id=job.job_id, error=repr(exc))
-            raise CyError(
-                ErrorCode.INSUFFICIENT_RESOURCES, "the training queue is full; try again later", retryable=True
-            ) from exc
-
-    async def _signal(self, job_id: str, action: str) -> None:
-        control = TrainingControl(job_id=job_id, action=action)  # type: ignore[arg-type]
-        await self.nc.publish(subjects.training_control_subject(job_id), codec.encode(control))
+        """The status verb. Raises CyError(TRAINING_JOB_NOT_FOUND)."""
+        return await self.records.get(job_id)
 
     # --- verbs ---------------------------------------------------------------------------------
     async def start(self, req: StartTraining) -> TrainingJob:
@@ -274,14 +170,13 @@ class JobService:
             ticket=1,
             train_rows=rows,
         )
-        kv = await self.kv()
-        await kv.create(subjects.job_key(job_id), codec.encode(job))
-        await self.event(job, "queued", f"{rows} rows; adapter '{adapter_name}' for model '{model_id}'")
+        await self.records.create(job)
+        await self.records.event(job, "queued", f"{rows} rows; adapter '{adapter_name}' for model '{model_id}'")
         try:
-            await self.enqueue(job)
+            await self.records.enqueue(job)
         except CyError as exc:
             error = exc
-            await self.mutate(job_id, lambda j: _fail(j, error))
+            await self.records.mutate(job_id, lambda j: _fail(j, error))
             raise
         log.info("training_job_queued", job_id=job_id, model_id=model_id, adapter=adapter_name, rows=rows)
         return job
@@ -316,7 +211,7 @@ class JobService:
         got its record, after CLAIM_GRACE_MS) is taken over by compare-and-set. Claims are never released:
         they go stale when their job ends, so a crash can never leave a name locked."""
         if self._claims is None:  # only `start` needs the claims bucket
-            self._claims = await streams.ensure_bucket(self.js, subjects.TRAINING_CLAIMS_BUCKET)
+            self._claims = await streams.ensure_bucket(self.records.js, subjects.TRAINING_CLAIMS_BUCKET)
         claims = self._claims
         value = f"{job_id} {now_ms()}".encode()
         for _ in range(20):
@@ -348,7 +243,7 @@ class JobService:
         raise CyError(ErrorCode.INTERNAL_ERROR, f"could not claim {field}; try again", retryable=True)
 
     async def list(self, query: ListJobs) -> tuple[list[TrainingJob], int]:
-        jobs = [j for j in await self.all_jobs() if not query.status or j.status == query.status]
+        jobs = [j for j in await self.records.all_jobs() if not query.status or j.status == query.status]
         jobs.sort(key=lambda j: (j.created_ms, j.job_id), reverse=True)
         return jobs[query.offset : query.offset + query.limit], len(jobs)
 
@@ -366,13 +261,13 @@ class JobService:
             job.message = "Training job has been cancelled"
             return job
 
-        job = await self.mutate(job_id, change)
+        job = await self.records.mutate(job_id, change)
         if was == ["running"]:
             # The owning trainer publishes the "cancelled" event once its loop has stopped, so that it
             # comes after the job's last step event.
-            await self._signal(job_id, "cancel")
+            await self.records.signal(job_id, "cancel")
         else:
-            await self.event(job, "cancelled", f"cancelled while {was[0]}", job.progress)
+            await self.records.event(job, "cancelled", f"cancelled while {was[0]}", job.progress)
         return job
 
     async def pause(self, job_id: str) -> TrainingJob:
@@ -391,14 +286,14 @@ class JobService:
             return job
 
         before = await self.get(job_id)
-        job = await self.mutate(job_id, change)
+        job = await self.records.mutate(job_id, change)
         if job.status == "paused":
             if before.status != "paused":
-                await self.event(job, "paused", job.message, job.progress)
+                await self.records.event(job, "paused", job.message, job.progress)
             return job
         if before.control != "pause":
-            await self._signal(job_id, "pause")
-            await self.event(job, "pause_requested", job.message, job.progress)
+            await self.records.signal(job_id, "pause")
+            await self.records.event(job, "pause_requested", job.message, job.progress)
         deadline = time.monotonic() + self.pause_wait
         while job.status == "running" and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -427,17 +322,19 @@ class JobService:
             job.message = "Training job has been resumed and queued"
             return job
 
-        job = await self.mutate(job_id, change)
+        job = await self.records.mutate(job_id, change)
         if job.status == "queued":
-            await self.event(job, "queued", job.message, job.progress)
-            await self.enqueue(job)
+            await self.records.event(job, "queued", job.message, job.progress)
+            await self.records.enqueue(job)
         return job
 
     # --- NATS request/reply --------------------------------------------------------------------
     async def serve(self) -> Subscription:
-        """Answer TrainingService requests from direct NATS publishers (one responder per request)."""
-        await self.kv()
-        return await self.nc.subscribe(subjects.TRAINING_API_ALL, queue=subjects.TRAINING_API_GROUP, cb=self._on_api)
+        """Answer the API verbs for direct NATS publishers (one responder per request)."""
+        await self.records.kv()
+        return await self.records.nc.subscribe(
+            subjects.TRAINING_API_ALL, queue=subjects.TRAINING_API_GROUP, cb=self._on_api
+        )
 
     async def _on_api(self, msg: Msg) -> None:
         if not msg.reply:
@@ -446,9 +343,7 @@ class JobService:
         await msg.respond(codec.encode(reply))
 
     async def handle(self, verb: str, data: bytes) -> TrainingReply:
-        """One TrainingService request (msgpack) -> its reply; never raises."""
-        from schemas.training import ErrorReply
-
+        """One API request (msgpack) -> its reply; never raises."""
         try:
             kind = API_VERBS.get(verb)
             if kind is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import CyError
-from services.trainer.paths import confine
+from services.training.paths import confine
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Training datasets kept in a JetStream object store (`subjects.DATASETS_BUCKET`), so that the gateway that
 receives an upload and the trainer that trains on it share no disk.
 
-An upload is validated row by row (services/trainer/datasets.py, the same messages as a `datasetPath`), then
+An upload is validated row by row (services/training/datasets.py, the same messages as a `datasetPath`), then
 stored under its id (`ds-<hex>`, also the object name) with its metadata in the object's headers; the object
 store computes its SHA-256 digest. A trainer copies a dataset into its own folder under `<id>-<digest>.<fmt>`
 (`fetch`), so a copy is never stale and is fetched once per trainer.
@@ -26,7 +26,7 @@ from nats.js.object_store import ObjectStore
 
 from schemas.errors import CyError, ErrorCode, ErrorDetail, invalid
 from services import streams
-from services.trainer import datasets
+from services.training import datasets
 
 DatasetFormat = Literal["jsonl", "json"]
 FORMATS: tuple[DatasetFormat, ...] = ("jsonl", "json")
