@@ -4,15 +4,18 @@ waiting for a worker that will never pull it, and nothing is left behind in the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from schemas import subjects
 from services import streams
 from services.models.registry import Registry
-from tests.helpers import NatsServer, WorkerProcess, running_gateway, running_worker, wait_until
+from tests.helpers import Gateway, NatsServer, WorkerProcess, running_gateway, running_worker, wait_until
 from tests.nats_client import connect, request, submit
 
 MODEL = "tiny-solo"
@@ -30,61 +33,61 @@ async def _wait_pending_zero(client: httpx.AsyncClient, timeout: float = 20.0) -
         await asyncio.sleep(0.2)
 
 
-async def test_a_hint_naming_a_worker_killed_just_before_is_served_by_another_worker_of_the_model(
-    tmp_path: Path, registry: Registry, registry_file: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def _gateway_after_a_worker_was_killed(
+    tmp_path: Path, registry: Registry, registry_file: Path, doomed_id: str, live_id: str, **gateway: Any
+) -> AsyncIterator[Gateway]:
+    """A gateway, a live worker of MODEL and a second worker of MODEL (a process of its own) that is SIGKILLed
+    once the gateway has seen it alive."""
     server = NatsServer(tmp_path).start()
     nc = await connect(server.url)
-    doomed = WorkerProcess(server.url, registry_file, MODEL, "hint-doomed-1")
+    doomed = WorkerProcess(server.url, registry_file, MODEL, doomed_id)
     try:
         await doomed.wait_ready(nc)
         async with (
-            running_worker(server.url, registry, MODEL, worker_id="hint-live-1", slots=2),
-            running_gateway(server.url, registry, queue_timeout=30) as gw,
+            running_worker(server.url, registry, MODEL, worker_id=live_id, slots=2),
+            running_gateway(server.url, registry, **gateway) as gw,
         ):
-            await wait_until(lambda: gw.core.workers.is_alive("hint-doomed-1"))
+            await wait_until(lambda: gw.core.workers.is_alive(doomed_id))
             doomed.proc.kill()
-            await asyncio.sleep(0.2)  # the gateway still believes the worker is alive: its heartbeat is fresh
-            body = {"modelId": MODEL, "prompt": "hi", "workerHint": "hint-doomed-1", "generation": {"maxNewTokens": 3}}
-            async with gw.client() as client:
-                started = time.monotonic()
-                r = await client.post("/api/v1/inference", json=body)
-                took = time.monotonic() - started
-                assert r.status_code == 200, r.text
-                assert took < 15, f"waited {took:.1f}s for a dead worker"
-                await _wait_pending_zero(client)
+            yield gw
     finally:
         doomed.stop()
         await nc.close()
         server.stop()
+
+
+async def test_a_hint_naming_a_worker_killed_just_before_is_served_by_another_worker_of_the_model(
+    tmp_path: Path, registry: Registry, registry_file: Path
+) -> None:
+    async with _gateway_after_a_worker_was_killed(
+        tmp_path, registry, registry_file, "hint-doomed-1", "hint-live-1", queue_timeout=30
+    ) as gw:
+        await asyncio.sleep(0.2)  # the gateway still believes the worker is alive: its heartbeat is fresh
+        body = {"modelId": MODEL, "prompt": "hi", "workerHint": "hint-doomed-1", "generation": {"maxNewTokens": 3}}
+        async with gw.client() as client:
+            started = time.monotonic()
+            r = await client.post("/api/v1/inference", json=body)
+            took = time.monotonic() - started
+            assert r.status_code == 200, r.text
+            assert took < 15, f"waited {took:.1f}s for a dead worker"
+            await _wait_pending_zero(client)
 
 
 async def test_a_hint_naming_a_worker_known_to_be_gone_goes_straight_to_the_normal_tier(
     tmp_path: Path, registry: Registry, registry_file: Path
 ) -> None:
-    server = NatsServer(tmp_path).start()
-    nc = await connect(server.url)
-    doomed = WorkerProcess(server.url, registry_file, MODEL, "hint-doomed-2")
-    try:
-        await doomed.wait_ready(nc)
-        async with (
-            running_worker(server.url, registry, MODEL, worker_id="hint-live-2", slots=2),
-            running_gateway(server.url, registry) as gw,
-        ):
-            await wait_until(lambda: gw.core.workers.is_alive("hint-doomed-2"))
-            doomed.proc.kill()
-            await wait_until(lambda: not gw.core.workers.is_alive("hint-doomed-2"), timeout=15)
-            body = {"modelId": MODEL, "prompt": "hi", "workerHint": "hint-doomed-2", "generation": {"maxNewTokens": 3}}
-            async with gw.client() as client:
-                started = time.monotonic()
-                r = await client.post("/api/v1/inference", json=body)
-                assert r.status_code == 200, r.text
-                assert time.monotonic() - started < 5
-                assert await _pending(client) == 0
-    finally:
-        doomed.stop()
-        await nc.close()
-        server.stop()
+    async with _gateway_after_a_worker_was_killed(
+        tmp_path, registry, registry_file, "hint-doomed-2", "hint-live-2"
+    ) as gw:
+        await wait_until(lambda: not gw.core.workers.is_alive("hint-doomed-2"), timeout=15)
+        body = {"modelId": MODEL, "prompt": "hi", "workerHint": "hint-doomed-2", "generation": {"maxNewTokens": 3}}
+        async with gw.client() as client:
+            started = time.monotonic()
+            r = await client.post("/api/v1/inference", json=body)
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - started < 5
+            assert await _pending(client) == 0
 
 
 async def test_a_request_left_on_a_dead_workers_hint_subject_is_moved_to_the_normal_tier(
