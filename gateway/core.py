@@ -13,13 +13,13 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from gateway.inference_client import InferenceClient, LinkWatch
 from gateway.metrics import GatewayMetrics
-from gateway.nats_client import InferenceClient, LinkWatch
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
-from services import streams
+from services import jetstream
 from services.models.registry import Registry, load_registry
 from services.runtime import Tasks, close_nats, connect_nats
 from services.training.dataset_store import DatasetStore
@@ -58,8 +58,8 @@ class GatewayCore:
             self.settings, name="cy-gateway", role="gateway", reconnected=self._reensure, disconnected=self.link.dropped
         )
         self.js = self.nc.jetstream()
-        await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
-        kv = await streams.ensure_workers_bucket(self.js)
+        await jetstream.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.start(self.nc, kv)
         await self._share_rate_limits()
         self.inference = InferenceClient(
@@ -78,10 +78,10 @@ class GatewayCore:
     async def _reensure(self) -> None:
         """After a reconnect the server may lack what we use (the memory-backed workers bucket always, the
         rest when its store was lost): re-create it all and reload the workers view."""
-        await streams.ensure_generate_stream(self.js, self.settings.queue_max_size)
-        kv = await streams.ensure_workers_bucket(self.js)
+        await jetstream.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.reload(kv)
-        await streams.ensure_training_after_reconnect(self.js)
+        await jetstream.ensure_training_after_reconnect(self.js)
         await self._share_rate_limits()
 
     async def _share_rate_limits(self) -> None:
@@ -89,7 +89,7 @@ class GatewayCore:
         if not (self.settings.rate_limit_shared and self.settings.rate_limit_per_minute):
             return
         try:
-            kv = await streams.ensure_ratelimits_bucket(self.js, self.limiter.window_s)
+            kv = await jetstream.ensure_ratelimits_bucket(self.js, self.limiter.window_s)
         except Exception as exc:
             log.warning("rate_limit_shared_unavailable", error=repr(exc))
             return

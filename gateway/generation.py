@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.core import GatewayCore
-from gateway.nats_client import ReplyStream
+from gateway.inference_client import ReplyStream
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, StreamEnd, StreamError, TokenChunk, TokenLogprob
 

@@ -12,7 +12,7 @@ from nats.js.kv import KeyValue
 
 from schemas import codec, subjects
 from schemas.workers import WorkerInfo
-from services.streams import WORKERS_TTL_S
+from services.jetstream import WORKERS_TTL_S
 
 log = structlog.get_logger()
 

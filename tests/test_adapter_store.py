@@ -20,8 +20,8 @@ from nats.js.errors import (
 
 from schemas import codec, subjects
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
-from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining, event_decoder
-from services import adapter_store, streams
+from schemas.training import AdapterRecord, HyperParams, LoraConfig, StartTraining
+from services import adapter_store, jetstream
 from services.engine.worker import Worker
 from services.models.registry import Registry
 from services.trainer.worker import Trainer
@@ -30,8 +30,10 @@ from tests.helpers import NatsServer, running_gateway, running_worker, wait_unti
 from tests.trainer.helpers import (
     ACK_WAIT_S,
     ANSWER,
+    FAST_LORA,
     QUESTION,
     TrainerProcess,
+    events_of,
     job_service,
     roots_for,
     running_trainer,
@@ -67,7 +69,7 @@ async def test_packed_folders_round_trip_with_their_digest_and_a_wrong_digest_is
     (source / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 1000)
     nc = await nats.connect(nats_server.url)
     try:
-        store = await streams.ensure_adapter_files(nc.jetstream())
+        store = await jetstream.ensure_adapter_files(nc.jetstream())
         model = unique("model")
         name, digest, size = await adapter_store.upload_adapter(store, model, "one", source)
         again = adapter_store.pack(source)
@@ -163,8 +165,8 @@ async def test_delete_route_removes_the_record_and_the_files_and_404s_after(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        store = await streams.ensure_adapter_files(js)
-        kv = await streams.ensure_adapters_bucket(js)
+        store = await jetstream.ensure_adapter_files(js)
+        kv = await jetstream.ensure_adapters_bucket(js)
         obj, digest, size = await adapter_store.upload_adapter(store, "tiny", name, folder)
         record = AdapterRecord(
             model_id="tiny", name=name, path="/elsewhere", job_id="job-1", object=obj, digest=digest, size=size
@@ -196,24 +198,14 @@ def two_machines(root: Path) -> tuple[Roots, Roots, StartTraining]:
         hyper_params=msgspec.convert(
             {"batch_size": 4, "learning_rate": 1e-2, "epochs": 10, "max_seq_length": 64, "save_steps": 5}, HyperParams
         ),
-        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        lora_config=FAST_LORA,
     )
     return first, second, request
 
 
 async def event_steps(nats_url: str, job_id: str) -> list[tuple[str, int]]:
     """(kind, step) of every event the job has published so far."""
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
-        kinds: list[tuple[str, int]] = []
-        with contextlib.suppress(nats.errors.TimeoutError):
-            while True:
-                event = event_decoder.decode((await sub.next_msg(timeout=0.5)).data)
-                kinds.append((event.kind, event.progress.step if event.progress else -1))
-        return kinds
-    finally:
-        await nc.drain()
+    return [(e.kind, e.progress.step if e.progress else -1) for e in await events_of(nats_url, job_id)]
 
 
 async def test_a_paused_job_resumes_on_a_trainer_without_its_disk_from_the_uploaded_checkpoint(

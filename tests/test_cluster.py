@@ -10,7 +10,7 @@ import pytest
 
 from infra.cluster import plan_free, servers_for, start_cluster
 from schemas.inference import StreamEnd
-from services import streams
+from services import jetstream
 from services.models.registry import Registry
 from tests.helpers import parse_sse, running_gateway, running_worker, wait_until
 from tests.nats_client import connect, request, submit
@@ -27,7 +27,7 @@ async def test_killing_one_nats_node_loses_no_stream_no_queued_request_and_servi
         direct = await connect(servers_for(nodes[2], nodes).split(",")[0])
         for _ in range(100):  # until the JetStream meta group has a leader
             try:
-                await streams.ensure_generate_stream(direct.jetstream(), 1000)
+                await jetstream.ensure_generate_stream(direct.jetstream(), 1000)
                 break
             except Exception:
                 await asyncio.sleep(0.2)

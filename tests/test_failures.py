@@ -11,7 +11,7 @@ import pytest
 
 from schemas import subjects
 from schemas.inference import GenerationParams, StreamEnd, StreamError, TokenChunk
-from services import streams
+from services import jetstream
 from services.models.registry import Registry
 from tests.helpers import NatsServer, WorkerProcess, parse_sse, running_gateway, running_worker, wait_until
 from tests.nats_client import connect, request, submit
@@ -117,7 +117,7 @@ async def test_queued_work_survives_a_nats_restart_and_services_reconnect(tmp_pa
     server = NatsServer(tmp_path).start()
     try:
         nc = await connect(server.url)
-        await streams.ensure_generate_stream(nc.jetstream(), 1000)
+        await jetstream.ensure_generate_stream(nc.jetstream(), 1000)
         queued = [await submit(nc, request("tiny-solo", f"q{i}")) for i in range(3)]
         async with running_gateway(server.url, registry) as gw:
             server.stop()

@@ -16,7 +16,7 @@ import structlog
 
 from gateway.core import GatewayCore
 from gateway.generation import Outcome, streaming
-from gateway.nats_client import ReplyStream
+from gateway.inference_client import ReplyStream
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerateRequest, Reply, StreamEnd, StreamError
 

@@ -25,7 +25,7 @@ from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError
 from schemas.workers import ServedModel, WorkerInfo
-from services import discovery, metrics, streams
+from services import discovery, jetstream, metrics
 from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.chunker import Chunker
@@ -136,8 +136,8 @@ class Worker:
             self.settings, name=f"cy-worker-{self.worker_id}", role="worker", reconnected=self._reensure
         )
         js = self.nc.jetstream()
-        await streams.ensure_generate_stream(js, self.settings.queue_max_size)
-        self._kv = await streams.ensure_workers_bucket(js)
+        await jetstream.ensure_generate_stream(js, self.settings.queue_max_size)
+        self._kv = await jetstream.ensure_workers_bucket(js)
         await self._ensure_consumers(js)
         self._pull_inbox = self.nc.new_inbox()
         self._pull_sub = await self.nc.subscribe(self._pull_inbox)
@@ -187,7 +187,7 @@ class Worker:
                 max_ack_pending=-1,
                 inactive_threshold=inactive,
             )
-            await streams.admin(partial(js.add_consumer, subjects.GENERATE_STREAM, config), f"consumer {name}")
+            await jetstream.admin(partial(js.add_consumer, subjects.GENERATE_STREAM, config), f"consumer {name}")
         self._consumers = [name for name, _, _ in wanted]
 
     async def _reensure(self) -> None:
@@ -195,8 +195,8 @@ class Worker:
         workers bucket or its whole store; re-create the queue, the bucket and our consumers, re-announce."""
         assert self.nc is not None
         js = self.nc.jetstream()
-        await streams.ensure_generate_stream(js, self.settings.queue_max_size)
-        self._kv = await streams.ensure_workers_bucket(js)
+        await jetstream.ensure_generate_stream(js, self.settings.queue_max_size)
+        self._kv = await jetstream.ensure_workers_bucket(js)
         await self._ensure_consumers(js)
         await self._announce()
         self._doorbell.set()

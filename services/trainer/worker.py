@@ -38,7 +38,7 @@ from schemas.training import (
     control_decoder,
     ticket_decoder,
 )
-from services import adapter_store, streams
+from services import adapter_store, jetstream
 from services.discovery import add_training_service
 from services.metrics import MetricsServer, TrainerMetrics
 from services.metrics import serve as serve_metrics
@@ -145,9 +145,9 @@ class Trainer:
         self.datasets = DatasetStore(js)
         self.api = JobService(self.records, self.registry, self.roots, self.datasets)
         await self.records.kv()
-        _, self._adapters = await streams.ensure_training(js)
-        self._files = await streams.ensure_adapter_files(js)
-        await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
+        _, self._adapters = await jetstream.ensure_training(js)
+        self._files = await jetstream.ensure_adapter_files(js)
+        await jetstream.ensure_training_consumer(js, self.settings.trainer_ack_wait)
         self._queue = await js.pull_subscribe_bind(
             durable=subjects.TRAINING_QUEUE_CONSUMER, stream=subjects.TRAINING_QUEUE_STREAM
         )
@@ -169,9 +169,9 @@ class Trainer:
         """After a reconnect: the server may have come back without its store; re-create what we use."""
         assert self.nc is not None
         js = self.nc.jetstream()
-        await streams.ensure_training_after_reconnect(js)
-        await streams.ensure_training_consumer(js, self.settings.trainer_ack_wait)
-        self._files = await streams.ensure_adapter_files(js)
+        await jetstream.ensure_training_after_reconnect(js)
+        await jetstream.ensure_training_consumer(js, self.settings.trainer_ack_wait)
+        self._files = await jetstream.ensure_adapter_files(js)
 
     async def stop(self) -> None:
         """Checkpoint and requeue the running job (bounded by trainer_drain_timeout), then disconnect.

@@ -25,7 +25,7 @@ from nats.js.errors import DigestMismatchError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from schemas.errors import CyError, ErrorCode, ErrorDetail, invalid
-from services import streams
+from services import jetstream
 from services.training import datasets
 
 DatasetFormat = Literal["jsonl", "json"]
@@ -125,7 +125,7 @@ class DatasetStore:
         if self._store is None:
             async with self._ready:
                 if self._store is None:
-                    self._store = await streams.ensure_datasets_store(self.js)
+                    self._store = await jetstream.ensure_datasets_store(self.js)
         return self._store
 
     async def put(self, data: bytes, name: str, *, param: str = "file") -> DatasetInfo:

@@ -45,7 +45,7 @@ from schemas.training import (
     TrainingJob,
     TrainingReply,
 )
-from services import streams
+from services import jetstream
 from services.models.registry import Registry
 from services.training import datasets
 from services.training.dataset_store import DatasetStore
@@ -211,7 +211,7 @@ class JobService:
         got its record, after CLAIM_GRACE_MS) is taken over by compare-and-set. Claims are never released:
         they go stale when their job ends, so a crash can never leave a name locked."""
         if self._claims is None:  # only `start` needs the claims bucket
-            self._claims = await streams.ensure_bucket(self.records.js, subjects.TRAINING_CLAIMS_BUCKET)
+            self._claims = await jetstream.ensure_bucket(self.records.js, subjects.TRAINING_CLAIMS_BUCKET)
         claims = self._claims
         value = f"{job_id} {now_ms()}".encode()
         for _ in range(20):

@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 from schemas.training import EventKind, Progress, QueueTicket, TrainingControl, TrainingEvent, TrainingJob, job_decoder
-from services import streams
+from services import jetstream
 
 log = structlog.get_logger()
 
@@ -56,7 +56,7 @@ class JobRecords:
         if self._kv is None:
             async with self._ready:
                 if self._kv is None:
-                    self._kv, _ = await streams.ensure_training(self.js)
+                    self._kv, _ = await jetstream.ensure_training(self.js)
         return self._kv
 
     # --- records -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
 from schemas.training import AdapterRecord
-from services import streams
+from services import jetstream
 from services.engine.adapters import AdapterSync
 from services.engine.transformers_engine import TransformersEngine
 from services.models.registry import Registry
@@ -115,7 +115,7 @@ async def test_workers_follow_the_adapters_bucket_live_and_a_resync_catches_what
     model = unique("stub-model")
     nc = await nats.connect(nats_server.url)
     try:
-        kv = await streams.ensure_adapters_bucket(nc.jetstream())
+        kv = await jetstream.ensure_adapters_bucket(nc.jetstream())
 
         async def put(name: str, path: str) -> None:
             record = AdapterRecord(model_id=model, name=name, path=path, created_ms=time.time_ns())

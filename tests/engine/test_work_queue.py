@@ -10,7 +10,7 @@ from nats.js.errors import APIError
 
 from schemas import subjects
 from schemas.inference import GenerationParams
-from services import streams
+from services import jetstream
 from services.models.registry import Registry
 from tests.helpers import NatsServer, running_worker
 from tests.nats_client import connect, request, submit
@@ -20,7 +20,7 @@ async def test_high_priority_requests_start_before_queued_low_priority_ones(
     nats_server: NatsServer, registry: Registry
 ) -> None:
     nc = await connect(nats_server.url)
-    await streams.ensure_generate_stream(nc.jetstream(), 1000)
+    await jetstream.ensure_generate_stream(nc.jetstream(), 1000)
     # Queue while no worker serves the model: 3 low first, then 3 high.
     low = [await submit(nc, request("tiny-solo", f"low {i}", priority=-1)) for i in range(3)]
     high = [await submit(nc, request("tiny-solo", f"high {i}", priority=5)) for i in range(3)]
@@ -59,7 +59,7 @@ async def test_a_full_queue_refuses_the_publish_at_once(tmp_path: Path) -> None:
     try:
         nc = await connect(server.url)
         js = nc.jetstream()
-        await streams.ensure_generate_stream(js, 3)
+        await jetstream.ensure_generate_stream(js, 3)
         for i in range(3):
             await submit(nc, request("nobody-serves-this", f"q{i}"))
         with pytest.raises(APIError) as err:

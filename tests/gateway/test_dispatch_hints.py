@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from schemas import subjects
-from services import streams
+from services import jetstream
 from services.models.registry import Registry
 from tests.helpers import Gateway, NatsServer, WorkerProcess, running_gateway, running_worker, wait_until
 from tests.nats_client import connect, request, submit
@@ -98,7 +98,7 @@ async def test_a_request_left_on_a_dead_workers_hint_subject_is_moved_to_the_nor
     server = NatsServer(tmp_path).start()
     nc = await connect(server.url)
     try:
-        await streams.ensure_generate_stream(nc.jetstream(), 1000)
+        await jetstream.ensure_generate_stream(nc.jetstream(), 1000)
         orphan = await submit(
             nc, request(MODEL, "orphan", worker_hint="never-was"), subjects.hinted_subject(MODEL, "never-was")
         )

@@ -1,4 +1,4 @@
-"""Create (or reconcile) the JetStream streams and KV buckets a service relies on. Idempotent."""
+"""JetStream setup: create (or reconcile) the streams, KV buckets and object stores a service relies on. Idempotent."""
 
 from __future__ import annotations
 
