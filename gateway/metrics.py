@@ -1,4 +1,4 @@
-"""The gateway's Prometheus metrics, served at GET /metrics on the /api/v1 port (no API key: README, "Metrics").
+"""The gateway's Prometheus metrics, served at GET /metrics on the /api/v1 port (no API key: docs/operations.md).
 
 - HTTP requests, counted and timed by an ASGI wrapper around each app when the response is fully sent (an
   SSE stream counts when it ends), labelled with the route template, status, and the model and adapter the

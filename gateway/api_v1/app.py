@@ -38,7 +38,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     for module in (inference, models, health, training, datasets, adapters):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
     public = (openapi.JSON_PATH, openapi.DOCS_PATH)
-    # Counts every request; GET /metrics is answered before the app (no API key: README, "Metrics").
+    # Counts every request; GET /metrics is answered before the app (no API key: docs/operations.md).
     core.metrics.install(app, "api", serve=True)
     app.register_blueprint(
         docs_blueprint("openapi", openapi.build_document(), json_paths=public[:1], docs_path=openapi.DOCS_PATH)

@@ -16,7 +16,7 @@ ENGINES = ("transformers", "cpu-openvino", "cuda-vllm-async", "cuda-vllm", "cpu-
 
 
 class EngineOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """Engine settings beside the model's registry entry (CY_LLM_* variables, see README "Engines")."""
+    """Engine settings beside the model's registry entry (CY_LLM_* variables, see docs/engines.md)."""
 
     # cpu-openvino: int8 weights (fast default) or exact (fp32 weights and an f32 KV cache: greedy output equal
     # to the transformers fp32 engine, and the same alone or in any batch).

@@ -53,7 +53,7 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
     # Relative adapter paths in requests are read against the trainers' outputs root.
     outputs_dir: str = ""
-    # Engine options (services/engine/engines.py EngineOptions; README "Engines").
+    # Engine options (services/engine/engines.py EngineOptions; docs/engines.md).
     openvino_precision: Literal["int8", "exact"] = "int8"
     kv_cache_gb: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
     prefill_budget: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256

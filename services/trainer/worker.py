@@ -60,7 +60,7 @@ DATASETS_CACHE = ".uploaded"
 
 
 class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
-    """CY_LLM_<FIELD> variables (see README, "Training")."""
+    """CY_LLM_<FIELD> variables (see docs/training.md)."""
 
     trainer_id: str = ""
     datasets_dir: str = ""
