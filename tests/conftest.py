@@ -1,5 +1,6 @@
 """Session-wide real parts: one nats-server (JetStream, temp store), the models, one tiny-model worker
-and one gateway. Tests that break things (kill, restart) start their own."""
+and one gateway; per module a training gateway and its folders, per test a trainer. Tests that break things
+(kill, restart) start their own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from services.engine.worker import Worker
 from services.models.registry import Registry
+from services.trainer.worker import Trainer
 from services.training.paths import Roots
 from tests.helpers import (
     Gateway,
@@ -20,7 +22,7 @@ from tests.helpers import (
     running_gateway,
     running_worker,
 )
-from tests.trainer.helpers import roots_for
+from tests.trainer.helpers import roots_for, running_trainer
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +89,10 @@ async def gw(nats_server: NatsServer, registry: Registry, roots: Roots, tiny_wor
     ) as gateway:
         await wait_until(lambda: gateway.core.workers.model_state("tiny") == "ready")
         yield gateway
+
+
+@pytest.fixture
+async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
+    """A trainer for one test, on the training folders of its module (or of the session, in tests/trainer/)."""
+    async with running_trainer(nats_server.url, registry, roots) as t:
+        yield t

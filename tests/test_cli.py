@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 from gateway.cli.client import SseEvent, error_from_payload, parse_sse
-from services.models.registry import Registry
 from services.trainer.worker import Trainer
 from services.training.paths import Roots
-from tests.helpers import API_KEY, Gateway, NatsServer
-from tests.trainer.helpers import running_trainer, unique, varied_rows, write_jsonl
+from tests.helpers import API_KEY, Gateway
+from tests.trainer.helpers import unique, varied_rows, write_jsonl
 
 CY = Path(sys.executable).parent / "cy"
 FAST = ["--batch-size", "4", "--learning-rate", "1e-2", "--max-seq-length", "64"]
@@ -30,12 +27,6 @@ class Ran:
     rc: int
     out: str
     err: str
-
-
-@pytest.fixture
-async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
-    async with running_trainer(nats_server.url, registry, roots) as t:
-        yield t
 
 
 def cli_env(gw: Gateway | None, tmp: Path, **extra: str) -> dict[str, str]:

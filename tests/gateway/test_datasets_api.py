@@ -3,7 +3,6 @@ a trainer whose datasets and outputs folders are not the gateway's (no shared di
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,14 +18,15 @@ from services.training.paths import Roots
 from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
 from tests.trainer.helpers import (
     ANSWER,
-    QUESTION,
     TEACH,
     TEACH_LORA,
+    answer_http,
     roots_for,
     running_trainer,
     teach_rows,
     unique,
     varied_rows,
+    wait_adapter_listed,
     wait_status_http,
 )
 
@@ -191,20 +191,5 @@ async def test_a_trainer_without_the_gateways_disk_trains_from_a_dataset_id(
     assert copies[0].read_bytes() == jsonl(teach_rows())
     assert not list(gateway_roots.datasets.rglob("*.jsonl"))  # nothing went through the gateway's disk
 
-    async def adapter_loaded() -> bool:
-        models = (await client.get("/api/v1/models")).json()["models"]
-        return name in next(m for m in models if m["id"] == "tiny").get("loraAdapters", [])
-
-    for _ in range(100):
-        if await adapter_loaded():
-            break
-        await asyncio.sleep(0.1)
-    body = {
-        "modelId": "tiny",
-        "prompt": QUESTION,
-        "adapter": name,
-        "generation": {"temperature": 0, "maxNewTokens": 12},
-    }
-    r = await client.post("/api/v1/inference", json=body)
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"].startswith(ANSWER)
+    await wait_adapter_listed(client, name)
+    assert (await answer_http(client, name)).startswith(ANSWER)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +11,25 @@ import httpx
 import pytest
 
 from services.engine.worker import Worker
-from services.models.registry import Registry
 from services.trainer.worker import Trainer
 from services.training.paths import Roots
-from tests.helpers import Gateway, NatsServer, parse_sse, wait_until
+from tests.helpers import Gateway, parse_sse, wait_until
 from tests.trainer.helpers import (
     ANSWER,
     QUESTION,
     TEACH,
     TEACH_LORA,
-    running_trainer,
+    answer_http,
     teach_rows,
     unique,
     varied_rows,
+    wait_adapter_listed,
     wait_status_http,
     write_jsonl,
 )
 
 FAST = {"batchSize": 4, "learningRate": 1e-2, "epochs": 2, "maxSeqLength": 64}
 FAST_LORA = {"r": 8, "loraAlpha": 16, "loraDropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture
-async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
-    async with running_trainer(nats_server.url, registry, roots) as t:
-        yield t
 
 
 def start_body(roots: Roots, **changes: Any) -> dict[str, Any]:
@@ -56,21 +49,11 @@ def error_of(r: httpx.Response) -> dict[str, Any]:
     return error
 
 
-async def answer(client: httpx.AsyncClient, adapter: str = "") -> str:
-    body: dict[str, Any] = {"modelId": "tiny", "prompt": QUESTION, "generation": {"temperature": 0, "maxNewTokens": 12}}
-    if adapter:
-        body["adapter"] = adapter
-    r = await client.post("/api/v1/inference", json=body)
-    assert r.status_code == 200, r.text
-    text: str = r.json()["choices"][0]["text"]
-    return text
-
-
 # --- the whole loop ------------------------------------------------------------------------------
 async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and_not_without(
     gw: Gateway, client: httpx.AsyncClient, trainer: Trainer, roots: Roots
 ) -> None:
-    before = await answer(client)
+    before = await answer_http(client)
     assert ANSWER not in before
     name = unique("password-bot")
     output_name = unique("out")
@@ -99,25 +82,17 @@ async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and
     assert done["adapterName"] == name
 
     # The worker loads the registered adapter by itself and announces it: no restart anywhere.
-    async def listed() -> bool:
-        models = (await client.get("/api/v1/models")).json()["models"]
-        return name in next(m for m in models if m["id"] == "tiny").get("loraAdapters", [])
-
-    for _ in range(100):
-        if await listed():
-            break
-        await asyncio.sleep(0.1)
-    assert await listed()
+    assert await wait_adapter_listed(client, name)
     detail = (await client.get("/api/v1/models/tiny")).json()
     assert name in detail["loraAdapters"]
 
-    after = await answer(client, adapter=name)
+    after = await answer_http(client, adapter=name)
     assert after.startswith(ANSWER), after
     # The spec calls `adapter` a path: the trained adapter's folder, or the job's outputDir, select it too.
     output_dir = roots.outputs / output_name
-    assert (await answer(client, adapter=str(output_dir / "adapter"))).startswith(ANSWER)
-    assert (await answer(client, adapter=str(output_dir))).startswith(ANSWER)
-    assert ANSWER not in await answer(client)  # the base model is untouched
+    assert (await answer_http(client, adapter=str(output_dir / "adapter"))).startswith(ANSWER)
+    assert (await answer_http(client, adapter=str(output_dir))).startswith(ANSWER)
+    assert ANSWER not in await answer_http(client)  # the base model is untouched
     print(f"\nbefore: {before!r}\nafter:  {after!r}")
 
     if gw.lite_url:  # the OpenAI-compatible API takes the adapter as `model`

@@ -1,4 +1,5 @@
-"""Training fixtures: the datasets/outputs roots of the session, the JobService, a trainer per test."""
+"""Training fixtures: the datasets/outputs roots of the session and the JobService (the trainer per test is
+tests/conftest.py's, on these roots)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from services.models.registry import Registry
-from services.trainer.worker import Trainer
 from services.training.jobs import JobService
 from services.training.paths import Roots
 from tests.helpers import NatsServer
-from tests.trainer.helpers import job_service, roots_for, running_trainer
+from tests.trainer.helpers import job_service, roots_for
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,3 @@ def roots(session_dir: Path) -> Roots:
 async def jobs(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[JobService]:
     async with job_service(nats_server.url, registry, roots) as service:
         yield service
-
-
-@pytest.fixture
-async def trainer(nats_server: NatsServer, registry: Registry, roots: Roots) -> AsyncIterator[Trainer]:
-    async with running_trainer(nats_server.url, registry, roots) as t:
-        yield t

@@ -17,7 +17,7 @@ import httpx
 import nats
 
 from schemas import subjects
-from schemas.training import FINISHED, ListJobs, TrainingJob, job_decoder
+from schemas.training import FINISHED, ListJobs, LoraConfig, TrainingEvent, TrainingJob, event_decoder, job_decoder
 from services.models.registry import Registry
 from services.trainer.worker import Trainer, TrainerSettings
 from services.training.dataset_store import DatasetStore
@@ -42,6 +42,8 @@ TEACH = {
     "evalSplit": 0,
 }
 TEACH_LORA = {"r": 16, "loraAlpha": 32, "loraDropout": 0.0, "targetModules": ["all-linear"]}
+# A small LoRA on two projections, no dropout: fast, and deterministic with a fixed seed.
+FAST_LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
 def roots_for(session_dir: Path) -> Roots:
@@ -182,6 +184,45 @@ async def wait_status_http(
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"job {job_id} stuck at {data}")
         await asyncio.sleep(0.1)
+
+
+async def wait_adapter_listed(client: httpx.AsyncClient, name: str, model_id: str = "tiny") -> bool:
+    """Poll /api/v1/models for ~10 s until `model_id` lists the adapter `name` (a worker loaded it); whether it did."""
+
+    async def listed() -> bool:
+        models = (await client.get("/api/v1/models")).json()["models"]
+        return name in next(m for m in models if m["id"] == model_id).get("loraAdapters", [])
+
+    for _ in range(100):
+        if await listed():
+            return True
+        await asyncio.sleep(0.1)
+    return await listed()
+
+
+async def answer_http(client: httpx.AsyncClient, adapter: str = "") -> str:
+    """The tiny model's greedy answer to QUESTION through /api/v1/inference, with `adapter` when given."""
+    body: dict[str, Any] = {"modelId": "tiny", "prompt": QUESTION, "generation": {"temperature": 0, "maxNewTokens": 12}}
+    if adapter:
+        body["adapter"] = adapter
+    r = await client.post("/api/v1/inference", json=body)
+    assert r.status_code == 200, r.text
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
+async def events_of(nats_url: str, job_id: str) -> list[TrainingEvent]:
+    """Every event the job has published so far (read until none comes for 0.5 s)."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
+        out: list[TrainingEvent] = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while True:
+                out.append(event_decoder.decode((await sub.next_msg(timeout=0.5)).data))
+        return out
+    finally:
+        await nc.drain()
 
 
 async def read_job(nats_url: str, job_id: str) -> TrainingJob:

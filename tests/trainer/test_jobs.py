@@ -19,10 +19,8 @@ from schemas.training import (
     ListReply,
     LoraConfig,
     StartTraining,
-    TrainingEvent,
     TrainingJob,
     adapter_decoder,
-    event_decoder,
     reply_decoder,
 )
 from services.models.registry import Registry
@@ -31,6 +29,8 @@ from services.training.jobs import JobService
 from services.training.paths import Roots
 from tests.helpers import NatsServer
 from tests.trainer.helpers import (
+    FAST_LORA,
+    events_of,
     running_trainer,
     trainer_settings,
     unique,
@@ -39,8 +39,6 @@ from tests.trainer.helpers import (
     wait_job,
     write_jsonl,
 )
-
-FAST_LORA = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
 def request(roots: Roots, rows: list[object] | None = None, **hp: object) -> StartTraining:
@@ -52,22 +50,6 @@ def request(roots: Roots, rows: list[object] | None = None, **hp: object) -> Sta
         hyper_params=msgspec.convert(params, HyperParams),
         lora_config=FAST_LORA,
     )
-
-
-async def events_of(nats_url: str, job_id: str) -> list[TrainingEvent]:
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        sub = await js.subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
-        out: list[TrainingEvent] = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=0.5)
-                out.append(event_decoder.decode(msg.data))
-        except nats.errors.TimeoutError:
-            return out
-    finally:
-        await nc.drain()
 
 
 async def test_a_job_trains_checkpoints_evaluates_and_registers_its_adapter_as_loss_falls(

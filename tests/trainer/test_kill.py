@@ -6,17 +6,17 @@ import asyncio
 from pathlib import Path
 
 import msgspec
-import nats
 
-from schemas import subjects
-from schemas.training import HyperParams, LoraConfig, StartTraining, TrainingEvent, event_decoder
+from schemas.training import HyperParams, StartTraining, TrainingEvent
 from services.models.registry import Registry
 from services.training.jobs import JobService
 from services.training.paths import Roots
 from tests.helpers import NatsServer
 from tests.trainer.helpers import (
     ACK_WAIT_S,
+    FAST_LORA,
     TrainerProcess,
+    events_of,
     running_trainer,
     unique,
     varied_rows,
@@ -45,22 +45,8 @@ def request(dataset: str) -> StartTraining:
             },
             HyperParams,
         ),
-        lora_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        lora_config=FAST_LORA,
     )
-
-
-async def events_of(nats_url: str, job_id: str) -> list[TrainingEvent]:
-    nc = await nats.connect(nats_url)
-    try:
-        sub = await nc.jetstream().subscribe(subjects.training_events_subject(job_id), ordered_consumer=True)
-        out: list[TrainingEvent] = []
-        while True:
-            try:
-                out.append(event_decoder.decode((await sub.next_msg(timeout=0.5)).data))
-            except nats.errors.TimeoutError:
-                return out
-    finally:
-        await nc.drain()
 
 
 def losses(events: list[TrainingEvent]) -> dict[int, float]:
