@@ -82,36 +82,36 @@ def _chat_choice(plan: Plan, i: int, o: Outcome) -> dict[str, Any]:
     }
 
 
-def chat_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
+def _body(
+    plan: Plan, object_: str, created: int, choices: list[dict[str, Any]], usage: dict[str, int]
+) -> dict[str, Any]:
     return {
         "id": plan.id,
-        "object": "chat.completion",
+        "object": object_,
         "created": created,
         "model": plan.model,
         "system_fingerprint": None,
-        "choices": [_chat_choice(plan, i, o) for i, o in enumerate(choices.outcomes)],
-        "usage": choices.usage(plan.n),
+        "choices": choices,
+        "usage": usage,
     }
+
+
+def chat_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
+    answers = [_chat_choice(plan, i, o) for i, o in enumerate(choices.outcomes)]
+    return _body(plan, "chat.completion", created, answers, choices.usage(plan.n))
 
 
 def completion_body(plan: Plan, choices: Choices, created: int) -> dict[str, Any]:
-    return {
-        "id": plan.id,
-        "object": "text_completion",
-        "created": created,
-        "model": plan.model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "text": (plan.echo[i] if plan.echo else "") + "".join(o.text),
-                "logprobs": completion_logprobs(o.logprobs) if plan.logprobs else None,
-                "finish_reason": finish_reason(o.finish_reason),
-            }
-            for i, o in enumerate(choices.outcomes)
-        ],
-        "usage": choices.usage(plan.n),
-    }
+    answers = [
+        {
+            "index": i,
+            "text": (plan.echo[i] if plan.echo else "") + "".join(o.text),
+            "logprobs": completion_logprobs(o.logprobs) if plan.logprobs else None,
+            "finish_reason": finish_reason(o.finish_reason),
+        }
+        for i, o in enumerate(choices.outcomes)
+    ]
+    return _body(plan, "text_completion", created, answers, choices.usage(plan.n))
 
 
 # --- SSE chunks -------------------------------------------------------------------------------------------
