@@ -351,20 +351,7 @@ async def test_the_bundled_smollm2_learns_a_taught_answer_and_serves_it_by_adapt
     model = "smollm2-135m-instruct"
     await wait_until(lambda: gw.core.workers.model_state(model) == "ready", timeout=120)
 
-    async def ask(adapter: str = "") -> str:
-        body: dict[str, Any] = {
-            "modelId": model,
-            "prompt": QUESTION,
-            "generation": {"temperature": 0, "maxNewTokens": 16},
-        }
-        if adapter:
-            body["adapter"] = adapter
-        r = await client.post("/api/v1/inference", json=body)
-        assert r.status_code == 200, r.text
-        text: str = r.json()["choices"][0]["text"]
-        return text
-
-    before = await ask()
+    before = await answer_http(client, model_id=model, max_new_tokens=16)
     name = unique("smol-password")
     r = await client.post(
         "/api/v1/training/start",
@@ -381,7 +368,7 @@ async def test_the_bundled_smollm2_learns_a_taught_answer_and_serves_it_by_adapt
     done = await wait_status_http(client, r.json()["jobId"], {"completed", "failed", "cancelled"}, timeout=900)
     assert done["status"] == "completed", done
     await wait_until(lambda: name in gw.core.adapters(model), timeout=60)
-    after = await ask(name)
+    after = await answer_http(client, name, model_id=model, max_new_tokens=16)
     print(f"\nSmolLM2 before: {before!r}\nSmolLM2 after:  {after!r}\nprogress: {done['progress']}")
     assert after.startswith(ANSWER) and ANSWER not in before
 

@@ -200,9 +200,12 @@ async def wait_adapter_listed(client: httpx.AsyncClient, name: str, model_id: st
     return await listed()
 
 
-async def answer_http(client: httpx.AsyncClient, adapter: str = "") -> str:
-    """The tiny model's greedy answer to QUESTION through /api/v1/inference, with `adapter` when given."""
-    body: dict[str, Any] = {"modelId": "tiny", "prompt": QUESTION, "generation": {"temperature": 0, "maxNewTokens": 12}}
+async def answer_http(
+    client: httpx.AsyncClient, adapter: str = "", model_id: str = "tiny", max_new_tokens: int = 12
+) -> str:
+    """The model's greedy answer to QUESTION through /api/v1/inference, with `adapter` when given."""
+    generation = {"temperature": 0, "maxNewTokens": max_new_tokens}
+    body: dict[str, Any] = {"modelId": model_id, "prompt": QUESTION, "generation": generation}
     if adapter:
         body["adapter"] = adapter
     r = await client.post("/api/v1/inference", json=body)
