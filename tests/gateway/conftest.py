@@ -3,11 +3,11 @@ at a gateway's `/v1` app."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from tests.helpers import Gateway
 
@@ -29,4 +29,12 @@ async def aclient(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
 async def client(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     """An `/api/v1` client (with the API key) on the module's gateway `gw`."""
     async with gw.client() as c:
+        yield c
+
+
+@pytest.fixture
+def sync_client(gateway: Gateway) -> Iterator[OpenAI]:
+    """The sync SDK client; call it through `asyncio.to_thread` (the server shares this event loop)."""
+    assert gateway.lite_url
+    with OpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=60) as c:
         yield c

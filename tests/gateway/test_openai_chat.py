@@ -4,10 +4,8 @@ HTTP server, a real nats-server and the tiny random-weight model (the registry's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import structlog
 from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
@@ -18,14 +16,6 @@ from tests.helpers import Gateway, wait_until
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12}
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[OpenAI]:
-    """The sync client; call it through `asyncio.to_thread` (the server shares this event loop)."""
-    assert gateway.lite_url
-    with OpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 async def test_chat_completion_has_the_openai_shape_and_true_usage(aclient: AsyncOpenAI) -> None:
@@ -57,10 +47,10 @@ async def test_the_models_chat_template_formats_system_user_and_assistant_turns(
     assert r.usage is not None and r.usage.prompt_tokens == len(ids["input_ids"])
 
 
-async def test_streamed_content_equals_the_non_streamed_content_for_greedy_decoding(client: OpenAI) -> None:
+async def test_streamed_content_equals_the_non_streamed_content_for_greedy_decoding(sync_client: OpenAI) -> None:
     def run() -> tuple[str, list[Any]]:
-        full = client.chat.completions.create(model="default", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
-        with client.chat.completions.create(model="default", messages=HELLO, stream=True, **GREEDY) as stream:  # type: ignore[arg-type]
+        full = sync_client.chat.completions.create(model="default", messages=HELLO, **GREEDY)  # type: ignore[arg-type]
+        with sync_client.chat.completions.create(model="default", messages=HELLO, stream=True, **GREEDY) as stream:  # type: ignore[arg-type]
             chunks = list(stream)
         return full.choices[0].message.content or "", chunks
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -12,17 +11,8 @@ from openai import AsyncOpenAI, OpenAI
 from transformers import AutoTokenizer
 
 from services.models.registry import Registry
-from tests.helpers import Gateway
 
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture
-def client(gateway: Gateway) -> Iterator[OpenAI]:
-    """The sync client; call it through `asyncio.to_thread` (the server shares this event loop)."""
-    assert gateway.lite_url
-    with OpenAI(base_url=gateway.lite_url, api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 def raw_tokens(registry: Registry, text: str) -> int:
@@ -44,12 +34,12 @@ async def test_completion_sends_the_prompt_raw_and_defaults_to_16_tokens(
     assert r.usage.prompt_tokens == raw_tokens(registry, PROMPT)
 
 
-async def test_streamed_completion_equals_the_non_streamed_one_and_ends_with_usage(client: OpenAI) -> None:
+async def test_streamed_completion_equals_the_non_streamed_one_and_ends_with_usage(sync_client: OpenAI) -> None:
     params: dict[str, Any] = {"model": "default", "prompt": PROMPT, "temperature": 0, "max_tokens": 10}
 
     def run() -> tuple[Any, list[Any]]:
-        full = client.completions.create(**params)
-        with client.completions.create(**params, stream=True, stream_options={"include_usage": True}) as stream:
+        full = sync_client.completions.create(**params)
+        with sync_client.completions.create(**params, stream=True, stream_options={"include_usage": True}) as stream:
             return full, list(stream)
 
     full, chunks = await asyncio.to_thread(run)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +16,11 @@ from openai import AsyncOpenAI
 
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Message
 from gateway.openai.translate import plan_chat, plan_completion
-from schemas import codec, subjects
+from schemas import subjects
 from schemas.inference import GenerationParams
-from schemas.workers import ServedModel, WorkerInfo
 from services.models.registry import Registry
 from tests.gateway.conftest import sdk
-from tests.helpers import Gateway, NatsServer, running_gateway, wait_until
+from tests.helpers import Gateway, NatsServer, announce_ghost_worker, running_gateway, wait_until
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -236,21 +234,10 @@ async def test_a_stream_waiting_in_the_queue_sends_keepalives_then_an_error_even
     """A worker that announces "unserved" but never pulls: the stream starts after the first-reply grace, keeps
     the connection alive with SSE comments, and ends with an OpenAI-shaped error event when the queue wait
     runs out (the SDK raises APIError)."""
-    ghost = WorkerInfo(
-        worker_id="ghost-lite",
-        engine="transformers",
-        device="cpu",
-        slots_total=1,
-        heartbeat_ms=int(time.time() * 1000) + 60_000,
-        heartbeat_interval=30,
-        models=[ServedModel(model_id="unserved", status="ready", engine="transformers")],
-    )
     async with running_gateway(nats_server.url, registry, queue_timeout=3.0, keepalive_interval=0.25) as gw:
-        kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
-        await kv.put(subjects.worker_key("ghost-lite"), codec.encode(ghost))
+        await announce_ghost_worker(gw, "ghost-lite")
         client = sdk(gw.lite_url)
         try:
-            await wait_until(lambda: gw.core.workers.model_state("unserved") == "ready")
             body = {"model": "unserved", "messages": HELLO, "stream": True}
 
             async def raw() -> str:
@@ -269,6 +256,7 @@ async def test_a_stream_waiting_in_the_queue_sends_keepalives_then_an_error_even
             assert gw.core.open_requests == 0  # both streams gave their slots back
         finally:
             await client.close()
+            kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
             await kv.delete(subjects.worker_key("ghost-lite"))
             await gw.core.js.purge_stream(subjects.GENERATE_STREAM, subject=subjects.model_requests_filter("unserved"))
     assert text.count(": keep-alive") >= 2
