@@ -3,7 +3,7 @@ messages, and the request/reply messages of the training API verbs (JobService) 
 
 Field names follow the spec's gRPC `TrainingService` messages (snake_case); the HTTP edge renames them
 to the spec's camelCase. Every field added after v1 must have a default so older payloads keep
-decoding (tests/trainer/test_schemas.py decodes v1 bytes).
+decoding (tests/schemas/test_evolution.py decodes v1 bytes).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from gateway.api_v1.errors import envelope, error_response
 from gateway.core import GatewayCore
 from gateway.openapi import docs_blueprint
 from gateway.server import harden, refuse_empty_segments, sent_path
+from gateway.uploads import upload_request_class
 from schemas.errors import CyError, ErrorCode
 
 log = structlog.get_logger()
@@ -33,7 +34,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     """The spec's REST API under /api/v1, every route behind X-API-Key but its OpenAPI document and docs page."""
     app = Quart("cy-llm-api")
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
-    app.request_class = datasets.upload_request_class(frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes)
+    app.request_class = upload_request_class(frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes)
     harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
     for module in (inference, models, health, training, datasets, adapters):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")

@@ -7,7 +7,6 @@ import structlog
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway.api_v1.datasets import upload_request_class
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from gateway.openai import completions, files, fine_tuning, health, models, openapi
@@ -15,6 +14,7 @@ from gateway.openai.auth import require_bearer
 from gateway.openai.errors import error_response, openai_error
 from gateway.openapi import docs_blueprint
 from gateway.server import harden, refuse_empty_segments, sent_path
+from gateway.uploads import upload_request_class
 from schemas.errors import CyError, ErrorCode
 
 log = structlog.get_logger()

@@ -10,10 +10,10 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from gateway.api_v1.datasets import read_upload
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from gateway.openai.errors import bad_request
+from gateway.uploads import read_upload
 from services.training.dataset_store import DatasetInfo
 
 PURPOSE = "fine-tune"

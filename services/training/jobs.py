@@ -25,12 +25,10 @@ from pathlib import Path
 
 import msgspec
 import structlog
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from schemas import codec, subjects
+from schemas import subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail, invalid
 from schemas.training import (
     API_VERBS,
@@ -328,20 +326,7 @@ class JobService:
             await self.records.enqueue(job)
         return job
 
-    # --- NATS request/reply --------------------------------------------------------------------
-    async def serve(self) -> Subscription:
-        """Answer the API verbs for direct NATS publishers (one responder per request)."""
-        await self.records.kv()
-        return await self.records.nc.subscribe(
-            subjects.TRAINING_API_ALL, queue=subjects.TRAINING_API_GROUP, cb=self._on_api
-        )
-
-    async def _on_api(self, msg: Msg) -> None:
-        if not msg.reply:
-            return
-        reply = await self.handle(subjects.verb_of_api(msg.subject), msg.data)
-        await msg.respond(codec.encode(reply))
-
+    # --- NATS request/reply (the trainers serve it through services/discovery.py) ----------------
     async def handle(self, verb: str, data: bytes) -> TrainingReply:
         """One API request (msgpack) -> its reply; never raises."""
         try:
