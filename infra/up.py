@@ -130,6 +130,14 @@ class Supervisor:
         return [c.proc for c in self.children if c.proc is not None and c.restart_at is None]
 
 
+def _nth_id(given: str, kind: str, i: int, count: int) -> str:
+    """The id of process i of `count`: `<kind>-N`, or the configured id (`<id>-N` when there are several, so that
+    no two workers or trainers share one)."""
+    if not given:
+        return f"{kind}-{i + 1}"
+    return given if count == 1 else f"{given}-{i + 1}"
+
+
 def main() -> int:
     data = data_dir()
     data.mkdir(parents=True, exist_ok=True)
@@ -157,12 +165,13 @@ def main() -> int:
         sup.adopt("nats-server", start_nats(data, port=nats_port, token=token, log_file=data / "nats.log"))
     workers = int(env.get("CY_LLM_WORKERS", "1"))
     for i in range(workers):
-        wid = env.get("CY_LLM_WORKER_ID", f"worker-{i + 1}")
+        wid = _nth_id(env.get("CY_LLM_WORKER_ID", ""), "worker", i, workers)
         wenv = dict(env, CY_LLM_WORKER_ID=wid)
         sup.start(f"worker {wid}", [sys.executable, "-m", "services.engine"], wenv, restart=True)
     # The trainer idles until a job arrives (LoRA jobs: /api/v1/training/start); CY_LLM_TRAINERS=0 leaves it out.
-    for i in range(int(env.get("CY_LLM_TRAINERS", "1"))):
-        tid = env.get("CY_LLM_TRAINER_ID", f"trainer-{i + 1}")
+    trainers = int(env.get("CY_LLM_TRAINERS", "1"))
+    for i in range(trainers):
+        tid = _nth_id(env.get("CY_LLM_TRAINER_ID", ""), "trainer", i, trainers)
         tenv = dict(env, CY_LLM_TRAINER_ID=tid)
         sup.start(f"trainer {tid}", [sys.executable, "-m", "services.trainer"], tenv, restart=True)
     sup.start("gateway", [sys.executable, "-m", "gateway"], env, restart=False)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.up import Supervisor
+from infra.up import Supervisor, _nth_id
 from schemas import codec, subjects
 from tests.helpers import NatsServer
 from tests.nats_client import connect, request, submit
@@ -105,3 +105,9 @@ def test_losing_the_gateway_or_nats_server_stops_the_stack() -> None:
         nats.proc.kill()
         nats.proc.wait(10)
     assert sup.poll() in (gateway, nats)
+
+
+def test_several_workers_under_one_configured_id_each_get_their_own() -> None:
+    assert [_nth_id("", "worker", i, 2) for i in range(2)] == ["worker-1", "worker-2"]
+    assert [_nth_id("gpu-box", "worker", i, 3) for i in range(3)] == ["gpu-box-1", "gpu-box-2", "gpu-box-3"]
+    assert _nth_id("gpu-box", "worker", 0, 1) == "gpu-box"  # one process keeps the id as configured
