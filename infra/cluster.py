@@ -18,7 +18,7 @@ from pathlib import Path
 
 from infra.nats import nats_server_binary, wait_for_port, write_config
 from infra.shutdown import catch_stop_signals, stop_in_order
-from infra.up import _secret
+from infra.up import load_secret
 from services.runtime import data_dir
 
 
@@ -100,8 +100,8 @@ def main() -> int:
     root = data / "cluster"
     root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    api_key, _ = _secret(env, "CY_LLM_API_KEY", data / "api_key")
-    token, _ = _secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
+    api_key, _ = load_secret(env, "CY_LLM_API_KEY", data / "api_key")
+    token, _ = load_secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
     base = int(env.get("CY_LLM_CLUSTER_BASE_PORT", "4230"))
     env.update(CY_LLM_API_KEY=api_key, CY_LLM_INTERNAL_TOKEN=token, CY_LLM_DATA_DIR=str(data), CY_LLM_JS_REPLICAS="3")
     nodes = plan(base)

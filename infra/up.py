@@ -28,7 +28,7 @@ from services.models.registry import load_registry
 from services.runtime import data_dir
 
 
-def _secret(env: dict[str, str], var: str, path: Path) -> tuple[str, bool]:
+def load_secret(env: dict[str, str], var: str, path: Path) -> tuple[str, bool]:
     """Value of `var`, else the one stored at `path`, else a new random one stored there."""
     if env.get(var):
         return env[var], False
@@ -142,8 +142,8 @@ def main() -> int:
     data = data_dir()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    api_key, new_key = _secret(env, "CY_LLM_API_KEY", data / "api_key")
-    token, _ = _secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
+    api_key, new_key = load_secret(env, "CY_LLM_API_KEY", data / "api_key")
+    token, _ = load_secret(env, "CY_LLM_INTERNAL_TOKEN", data / "internal_token")
     nats_port = int(env.get("CY_LLM_NATS_PORT", "4222"))
     embedded = env.get("CY_LLM_EMBEDDED_NATS", "1") != "0"
     env.update(CY_LLM_API_KEY=api_key, CY_LLM_INTERNAL_TOKEN=token, CY_LLM_DATA_DIR=str(data))
