@@ -73,6 +73,38 @@ def forcing_schema(plan: ToolPlan, parameters: dict[str, dict[str, Any]]) -> str
     return msgspec.json.encode(schema).decode()
 
 
+def complete_items(text: str) -> list[Any]:
+    """The complete items of a JSON array, also when max_tokens cut the array off after some of them."""
+    try:
+        items = msgspec.json.decode(text)
+        return items if isinstance(items, list) else []
+    except msgspec.DecodeError:
+        pass
+    out, depth, start, in_string, escaped = [], 0, -1, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth == 2:
+                start = i
+        elif ch in "]}":
+            if depth == 2 and start >= 0:
+                try:
+                    out.append(msgspec.json.decode(text[start : i + 1]))
+                except msgspec.DecodeError:
+                    return out
+            depth -= 1
+    return out
+
+
 def _call(name: str, arguments: Any) -> ToolCall:
     text = arguments if isinstance(arguments, str) else msgspec.json.encode(arguments).decode()
     return ToolCall(id=new_call_id(), function=ToolCallFunction(name=name, arguments=text))
@@ -102,9 +134,8 @@ def parse(plan: ToolPlan, text: str) -> Parsed:
     if plan.mode == "named":
         return Parsed("", [_call(plan.forced, text)])
     if plan.mode == "required":
-        try:
-            items = msgspec.json.decode(text)
-        except msgspec.DecodeError:  # cut off by max_tokens: no call to return, the text stays visible
+        items = complete_items(text)
+        if not items:  # cut off by max_tokens inside the first call: no call to return, the text stays visible
             return Parsed(text)
         return Parsed("", [_call(item["name"], item["arguments"]) for item in items])
     if plan.mode == "auto":

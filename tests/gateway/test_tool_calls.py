@@ -66,3 +66,19 @@ def test_a_required_choice_is_forced_to_a_non_empty_array_of_declared_calls() ->
     named = tool_calls.forcing_schema(ToolPlan(mode="named", names=NAMES, forced="get_weather"), params)
     assert json.loads(named) == params["get_weather"]
     assert tool_calls.forcing_schema(AUTO, params) == ""
+
+
+def test_a_required_answer_cut_off_by_max_tokens_keeps_the_calls_it_completed() -> None:
+    required = ToolPlan(mode="required", names=NAMES)
+    text = (
+        '[\n  {"name": "get_weather", "arguments": {"city": "Pa]ris \\" {x"}},\n'
+        '  {"name": "get_time", "arguments": {"zone": "CET"}},\n  {"name": "get_weather", "arguments": {"ci'
+    )
+    calls = tool_calls.parse(required, text).calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": 'Pa]ris " {x'}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    cut_in_first = '[{"name": "get_weather", "arguments": {"ci'
+    assert tool_calls.parse(required, cut_in_first).calls == []
+    assert tool_calls.parse(required, cut_in_first).content == cut_in_first
