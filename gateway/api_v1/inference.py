@@ -24,7 +24,6 @@ from schemas.inference import (
     GenerationParams,
     Metadata,
     StreamEnd,
-    StreamError,
     TokenChunk,
 )
 
@@ -144,9 +143,7 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
                 if reply is None:
                     yield SSE_KEEPALIVE
                     continue
-                if isinstance(reply, StreamError):
-                    raise CyError(reply.code, reply.message)
-                outcome.observe(reply)
+                outcome.observe(reply)  # raises CyError for a StreamError: guarded() sends it as the error event
                 if isinstance(reply, TokenChunk):
                     yield chunk_event(reply)
                 elif isinstance(reply, StreamEnd):

@@ -66,8 +66,8 @@ class Sequence:
     def context(self) -> torch.Tensor:
         return torch.cat([self.prompt, torch.tensor(self.generated, dtype=torch.long, device=self.prompt.device)])
 
-    def accept(self, token: int, eos_ids: frozenset[int], logits: torch.Tensor | None = None) -> None:
-        """Take the picked token; `logits` (its position's raw row) when the request wants logprobs."""
+    def accept(self, token: int, eos_ids: frozenset[int], logits: torch.Tensor) -> None:
+        """Take the token picked from `logits` (its position's raw row: the logprobs, if asked, come from it)."""
         if self.constraint is not None and not self.constraint.accept(token):
             # Cannot happen for a token picked from masked logits; never emit text the grammar refused.
             self.done = True
@@ -76,7 +76,7 @@ class Sequence:
         self.generated.append(token)
         finish = "stop" if token in eos_ids else "length" if len(self.generated) >= self.max_new_tokens else None
         self.done = finish is not None
-        logprobs = [token_logprob(logits, token, self.params.top_logprobs)] if logits is not None else None
+        logprobs = [token_logprob(logits, token, self.params.top_logprobs)] if self.params.logprobs else None
         self.emit(TokenStep([token], finish, logprobs))  # type: ignore[arg-type]
 
 
@@ -219,7 +219,7 @@ class Batcher:
             return False
         cache, seq.cache = seq.cache, None
         logits = out.logits[0, -1]
-        seq.accept(self._pick(seq, logits), self.eos_ids, logits if seq.params.logprobs else None)
+        seq.accept(self._pick(seq, logits), self.eos_ids, logits)
         if not seq.done:
             self._merge(cache, seq)
         elif len(seq.prompt) >= LONG_CONTEXT:
@@ -274,7 +274,7 @@ class Batcher:
             seq.pos += 1
             if not seq.cancelled:
                 token = greedy[i] if i in greedy else self._pick(seq, logits[i])
-                seq.accept(token, self.eos_ids, logits[i] if seq.params.logprobs else None)
+                seq.accept(token, self.eos_ids, logits[i])
 
     def _drop_finished(self) -> None:
         if self._cache is None or self._mask is None:
