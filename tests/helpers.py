@@ -23,7 +23,8 @@ from gateway.settings import GatewaySettings
 from infra.nats import free_port, start_nats
 from schemas import codec, subjects
 from schemas.workers import ServedModel, WorkerInfo
-from services.engine.worker import Worker, WorkerSettings
+from services.engine.settings import WorkerSettings
+from services.engine.worker import Worker
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec, Registry, load_registry
 

@@ -8,7 +8,8 @@ import sys
 import structlog
 
 from schemas.errors import CyError
-from services.engine.worker import Worker, WorkerSettings
+from services.engine.settings import WorkerSettings
+from services.engine.worker import Worker
 from services.runtime import configure_logging, load_settings, run
 
 

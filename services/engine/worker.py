@@ -13,7 +13,7 @@ import socket
 import time
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 import structlog
@@ -29,46 +29,15 @@ from services import discovery, jetstream, metrics
 from services.engine.adapters import AdapterSync
 from services.engine.base import Engine
 from services.engine.chunker import Chunker
-from services.engine.engines import EngineOptions, build_engine, select_engine
+from services.engine.engines import build_engine, select_engine
+from services.engine.settings import WorkerSettings
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec, load_registry
-from services.runtime import NatsSettings, Tasks, close_nats, connect_nats, data_dir
+from services.runtime import Tasks, close_nats, connect_nats, data_dir
 
 log = structlog.get_logger()
 
 _PULL_NOW = msgspec.json.encode({"batch": 1, "no_wait": True})
-
-
-class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
-    """Read from CY_LLM_* variables (see README, "Configuration")."""
-
-    worker_id: str = ""
-    model: str = "default"
-    engine: str = ""
-    slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
-    stream_chunk_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
-    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
-    device: str = "auto"
-    queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
-    # Relative adapter paths in requests are read against the trainers' outputs root.
-    outputs_dir: str = ""
-    # Engine options (services/engine/engines.py EngineOptions; docs/engines.md).
-    openvino_precision: Literal["int8", "exact"] = "int8"
-    kv_cache_gb: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 2
-    prefill_budget: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 256
-    engine_threads: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
-    # Prometheus /metrics of this worker: the first free port from metrics_port (0 = off; services/metrics.py).
-    metrics_host: str = "127.0.0.1"
-    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9400
-
-    def engine_options(self) -> EngineOptions:
-        return EngineOptions(
-            openvino_precision=self.openvino_precision,
-            kv_cache_gb=self.kv_cache_gb,
-            prefill_budget=self.prefill_budget,
-            engine_threads=self.engine_threads,
-        )
 
 
 def _ensure_model_files(spec: ModelSpec) -> None:

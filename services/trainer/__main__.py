@@ -13,7 +13,8 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 import asyncio
 
 from services.runtime import configure_logging, load_settings, run
-from services.trainer.worker import Trainer, TrainerSettings
+from services.trainer.settings import TrainerSettings
+from services.trainer.worker import Trainer
 
 
 async def main(stop: asyncio.Event) -> None:

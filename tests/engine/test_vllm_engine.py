@@ -14,8 +14,9 @@ from structlog.testing import capture_logs
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import ChatMessage, GenerateRequest, GenerationParams
+from services.engine.settings import WorkerSettings
 from services.engine.vllm_engine import VllmEngine, VllmSettings
-from services.engine.worker import Worker, WorkerSettings
+from services.engine.worker import Worker
 from tests.engine.vllm_support import MODEL_ID, VLLM, engine_name, vllm_registry
 from tests.helpers import NatsServer
 

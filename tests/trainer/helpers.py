@@ -19,7 +19,8 @@ import nats
 from schemas import subjects
 from schemas.training import FINISHED, ListJobs, LoraConfig, TrainingEvent, TrainingJob, event_decoder, job_decoder
 from services.models.registry import Registry
-from services.trainer.worker import Trainer, TrainerSettings
+from services.trainer.settings import TrainerSettings
+from services.trainer.worker import Trainer
 from services.training.dataset_store import DatasetStore
 from services.training.jobs import JobService
 from services.training.paths import Roots
