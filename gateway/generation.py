@@ -12,6 +12,7 @@ import structlog
 
 from gateway.core import GatewayCore
 from gateway.inference_client import ReplyStream
+from gateway.sse import CLIENT_CLOSED
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, StreamEnd, StreamError, TokenChunk, TokenLogprob
 
@@ -20,6 +21,12 @@ log = structlog.get_logger()
 # How long a streaming request waits for its first reply before the SSE response starts anyway
 # (errors found before that get a real HTTP status; later ones become an SSE error event).
 FIRST_REPLY_GRACE_S = 2.0
+
+
+def log_client_left(fields: dict[str, object]) -> None:
+    """The canonical line of a request whose client left before its response was sent (its handler was
+    cancelled; the generation has been cancelled on the way out)."""
+    log.info("request", status=CLIENT_CLOSED, outcome="client_disconnected", **fields)
 
 
 def new_trace_id(prefix: str = "gen") -> str:

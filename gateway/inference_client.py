@@ -19,6 +19,7 @@ from gateway.workers import WorkersView
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, StreamError, TokenChunk
+from services.runtime import raise_if_cancelled, shielded
 
 log = structlog.get_logger()
 
@@ -97,6 +98,7 @@ class ReplyStream:
         """
         until = time.monotonic() + wait
         while True:
+            raise_if_cancelled()
             now = time.monotonic()
             try:
                 self._check_deadlines(now)
@@ -241,14 +243,19 @@ class InferenceClient:
             stream.queued = await self._enqueue(request)
             yield stream
         finally:
-            if not stream.finished:
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(subjects.cancel_subject(request.trace_id), b"")
-            if stream.queued is not None and not stream.replied:
-                # Nobody took it (queue timeout, client gone): a request nobody waits for must not stay queued.
-                await self._take_back(stream.queued)
+            # Shielded: a client that leaves cancels this task, and the worker must still hear the cancel (a
+            # cancel sent while the publish was in flight reaches the worker before the request: it remembers).
+            await shielded(self._leave(stream, sub))
+
+    async def _leave(self, stream: ReplyStream, sub: Subscription) -> None:
+        if not stream.finished:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await self.nc.publish(subjects.cancel_subject(stream.request.trace_id), b"")
+        if stream.queued is not None and not stream.replied:
+            # Nobody took it (queue timeout, client gone): a request nobody waits for must not stay queued.
+            await self._take_back(stream.queued)
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
     async def _take_back(self, queued: Queued) -> bool:
         """Delete a queued request by its sequence. False when it is no longer queued (a worker has it, or

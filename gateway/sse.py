@@ -16,6 +16,10 @@ log = structlog.get_logger()
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_PRIMING = b""  # the first event of a primed body (see Primed); never sent
+
+# The status logged for a client that left before its response was complete (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 def sse_event(payload: Any) -> bytes:
@@ -53,7 +57,34 @@ async def guarded(
         log.exception("stream_failed")
         yield error_event(CyError(ErrorCode.INTERNAL_ERROR, "internal error"))
     finally:
+        status = 200
         if outcome == "ok" and not finished():
-            outcome = "client_disconnected"
-        log.info("request", status=200, outcome=outcome, **log_fields())
+            outcome, status = "client_disconnected", CLIENT_CLOSED
+        log.info("request", status=status, outcome=outcome, **log_fields())
     yield SSE_DONE
+
+
+class Primed:
+    """An SSE body already run up to its priming event (`SSE_PRIMING`), so that its cleanup (abort the
+    generations, free the client's slot) runs even when the client leaves before the first byte: an async
+    generator that never started never runs its `finally`, a started one is closed when dropped (by Quart's
+    response, or by the event loop's finalizer when the response is never sent)."""
+
+    def __init__(self, gen: AsyncGenerator[bytes, None]) -> None:
+        self._gen = gen
+
+    @classmethod
+    async def start(cls, gen: AsyncGenerator[bytes, None]) -> Primed:
+        """Raises RuntimeError when `gen` does not begin with the priming event."""
+        if await anext(gen) != SSE_PRIMING:
+            raise RuntimeError("an SSE body must yield SSE_PRIMING first")
+        return cls(gen)
+
+    def __aiter__(self) -> Primed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._gen)
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
@@ -13,10 +14,18 @@ from quart import Blueprint, Response, request
 from gateway.api_v1.errors import decode_body, envelope
 from gateway.api_v1.protocol import InferenceBody
 from gateway.core import GatewayCore
-from gateway.generation import FIRST_REPLY_GRACE_S, Outcome, complete, new_trace_id, resolve_model, streaming
+from gateway.generation import (
+    FIRST_REPLY_GRACE_S,
+    Outcome,
+    complete,
+    log_client_left,
+    new_trace_id,
+    resolve_model,
+    streaming,
+)
 from gateway.http_json import json_response
 from gateway.ratelimit import RateLimiter
-from gateway.sse import SSE_KEEPALIVE, guarded, sse_event, sse_response
+from gateway.sse import SSE_KEEPALIVE, SSE_PRIMING, Primed, guarded, sse_event, sse_response
 from schemas.errors import CyError
 from schemas.inference import (
     ChatMessage,
@@ -68,6 +77,9 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
         except CyError as exc:
             log.info("request", route="inference", status=exc.status, code=exc.code.value, **outcome.log_fields())
             raise
+        except asyncio.CancelledError:
+            log_client_left({"route": "inference", **outcome.log_fields()})
+            raise
         log.info("request", route="inference", status=200, **outcome.log_fields())
         completion = outcome.completion_tokens
         return json_response(
@@ -111,8 +123,10 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
         await stack.aclose()
         log.info("request", route=route, status=exc.status, code=exc.code.value, **outcome.log_fields())
         raise
-    except BaseException:
+    except BaseException as exc:
         await stack.aclose()
+        if isinstance(exc, asyncio.CancelledError):
+            log_client_left({"route": route, **outcome.log_fields()})
         raise
     created = int(time.time())
     keepalive = core.settings.keepalive_interval
@@ -136,6 +150,7 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
         # The body runs in the response's task, not the handler's: bind the request's log context again.
         structlog.contextvars.bind_contextvars(**req.log_context())
         async with stack:
+            yield SSE_PRIMING
             if isinstance(first, TokenChunk):
                 yield chunk_event(first)
             while not stream.finished:
@@ -149,12 +164,11 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
                 elif isinstance(reply, StreamEnd):
                     break
 
-    def events() -> AsyncGenerator[bytes, None]:
-        return guarded(
-            body(),
-            lambda exc: sse_event(envelope(exc)),
-            finished=lambda: outcome.finish_reason is not None,
-            log_fields=lambda: {"route": route, **outcome.log_fields()},
-        )
-
-    return sse_response(events())
+    events = guarded(
+        body(),
+        lambda exc: sse_event(envelope(exc)),
+        finished=lambda: outcome.finish_reason is not None,
+        log_fields=lambda: {"route": route, **outcome.log_fields()},
+    )
+    # Primed: from here the body owns the stack (slot, subscription, cancel), even if never sent.
+    return sse_response(await Primed.start(events))

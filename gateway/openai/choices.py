@@ -19,13 +19,11 @@ from gateway.generation import Outcome, streaming
 from gateway.inference_client import ReplyStream
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerateRequest, Reply, StreamEnd, StreamError
+from services.runtime import raise_if_cancelled, shielded
 
 log = structlog.get_logger()
 
 _Item = tuple[int, Reply | CyError]
-
-# Cleanups that outlive a cancelled caller; strong references so the loop cannot drop them half-way.
-_cleanups: set[asyncio.Task[None]] = set()
 
 
 class Choices:
@@ -77,6 +75,7 @@ class Choices:
         deadline = time.monotonic() + grace
         waiting = set(range(len(self.requests)))
         while waiting and (left := deadline - time.monotonic()) > 0:
+            raise_if_cancelled()
             try:
                 item = await asyncio.wait_for(self._queue.get(), left)
             except TimeoutError:
@@ -95,6 +94,7 @@ class Choices:
         Ends after every choice's StreamEnd. Raises CyError when any choice fails.
         """
         while self._open > 0:
+            raise_if_cancelled()
             if self._early:
                 i, reply = self._early.pop(0)
             else:
@@ -118,10 +118,7 @@ class Choices:
         for task in self._tasks:
             task.cancel()
         # Shielded: a disconnecting client cancels this very task, and the workers must still hear the cancel.
-        cleanup = asyncio.create_task(self._finish())
-        _cleanups.add(cleanup)
-        cleanup.add_done_callback(_cleanups.discard)
-        await asyncio.shield(cleanup)
+        await shielded(self._finish())
 
     async def _finish(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)

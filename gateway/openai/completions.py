@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -10,7 +11,7 @@ import structlog
 from quart import Blueprint, Response, request
 
 from gateway.core import GatewayCore
-from gateway.generation import FIRST_REPLY_GRACE_S
+from gateway.generation import FIRST_REPLY_GRACE_S, log_client_left
 from gateway.http_json import json_response
 from gateway.openai.auth import bearer_token
 from gateway.openai.bodies import ChatChunks, Chunks, TextChunks, chat_body, completion_body
@@ -19,7 +20,7 @@ from gateway.openai.errors import decode_request, error_body
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.openai.translate import Plan, plan_chat, plan_completion
 from gateway.ratelimit import RateLimiter
-from gateway.sse import SSE_KEEPALIVE, guarded, sse_event, sse_response
+from gateway.sse import SSE_KEEPALIVE, SSE_PRIMING, Primed, guarded, sse_event, sse_response
 from schemas.errors import CyError
 from schemas.inference import StreamEnd, TokenChunk
 
@@ -56,6 +57,9 @@ async def respond(core: GatewayCore, plan: Plan, route: str, *, chat: bool) -> R
     except CyError as exc:
         log.info("request", status=exc.status, code=exc.code.value, **choices.log_fields())
         raise
+    except asyncio.CancelledError:
+        log_client_left(choices.log_fields())
+        raise
     log.info("request", status=200, **choices.log_fields())
     body = chat_body(plan, choices, created) if chat else completion_body(plan, choices, created)
     return json_response(body, headers=headers)
@@ -72,33 +76,12 @@ async def _open_stream(core: GatewayCore, plan: Plan, chunks: Chunks, route: str
         await choices.close()
         log.info("request", status=exc.status, code=exc.code.value, **choices.log_fields())
         raise
-    except BaseException:
+    except BaseException as exc:
         await choices.close()
+        if isinstance(exc, asyncio.CancelledError):
+            log_client_left(choices.log_fields())
         raise
-    return await _Started.start(_events(core, plan, choices, chunks, route))
-
-
-class _Started:
-    """An SSE generator already run up to its priming yield, so that its `finally` (abort the generations,
-    free the client's slot) runs even when the client leaves before the first byte: an async generator that
-    never started never runs its `finally`, a started one that is dropped is closed by the event loop."""
-
-    def __init__(self, gen: AsyncGenerator[bytes, None]) -> None:
-        self._gen = gen
-
-    @classmethod
-    async def start(cls, gen: AsyncGenerator[bytes, None]) -> _Started:
-        await anext(gen)
-        return cls(gen)
-
-    def __aiter__(self) -> _Started:
-        return self
-
-    async def __anext__(self) -> bytes:
-        return await anext(self._gen)
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
+    return await Primed.start(_events(core, plan, choices, chunks, route))
 
 
 def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str) -> AsyncGenerator[bytes, None]:
@@ -109,7 +92,7 @@ def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, rou
     async def body() -> AsyncGenerator[bytes, None]:
         bind_plan(plan, route)
         try:
-            yield b""  # priming (see _Started); never sent
+            yield SSE_PRIMING
             for i in range(len(plan.requests)):
                 if (opening := chunks.opening(i)) is not None:
                     yield sse_event(opening)

@@ -39,6 +39,12 @@ log = structlog.get_logger()
 
 _PULL_NOW = msgspec.json.encode({"batch": 1, "no_wait": True})
 
+# A cancel can arrive before its request is picked up: the requester left while its publish was in flight
+# (so it could not take the message back), or while this worker was pulling or acking it. Such cancels are
+# remembered for this long (longer than any queue wait) so the request ends at once when it arrives.
+EARLY_CANCEL_TTL_S = 600.0
+EARLY_CANCEL_MAX = 100_000
+
 
 def _ensure_model_files(spec: ModelSpec) -> None:
     try:
@@ -77,6 +83,7 @@ class Worker:
         self._busy = 0
         self._active: dict[str, asyncio.Task[Any]] = {}
         self._cancel_requested: set[str] = set()
+        self._early_cancels: dict[str, float] = {}  # trace id -> when its cancel came (before its request)
         self._tasks = Tasks()
         self._streams = Tasks()
         self._doorbell = asyncio.Event()
@@ -260,6 +267,22 @@ class Worker:
         if task is not None and not task.done():
             self._cancel_requested.add(trace_id)
             task.cancel()
+        elif task is None:
+            self._remember_early_cancel(trace_id)
+
+    def _remember_early_cancel(self, trace_id: str) -> None:
+        """Every worker hears every cancel; most are for requests served elsewhere. Bounded by age and count."""
+        now = time.monotonic()
+        if len(self._early_cancels) >= EARLY_CANCEL_MAX:
+            cutoff = now - EARLY_CANCEL_TTL_S
+            self._early_cancels = {t: at for t, at in self._early_cancels.items() if at > cutoff}
+            while len(self._early_cancels) >= EARLY_CANCEL_MAX:  # all recent: drop the oldest
+                self._early_cancels.pop(next(iter(self._early_cancels)))
+        self._early_cancels[trace_id] = now
+
+    def _cancelled_before_pickup(self, trace_id: str) -> bool:
+        at = self._early_cancels.pop(trace_id, None)
+        return at is not None and time.monotonic() - at < EARLY_CANCEL_TTL_S
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
@@ -363,22 +386,16 @@ class Worker:
                 log.warning("request_bad_trace_id")
                 outcome = "bad_trace_id"
                 return
+            if self._cancelled_before_pickup(trace_id):
+                outcome = "cancelled"
+                await self._publish(trace_id, self._cancelled_end(trace_id, stats))
+                return
             end = await self._generate(req, started, stats)
             outcome = end.finish_reason
         except asyncio.CancelledError:
             if trace_id in self._cancel_requested and task.uncancel() == 0:
                 outcome = "cancelled"
-                await self._publish(
-                    trace_id,
-                    StreamEnd(
-                        trace_id=trace_id,
-                        finish_reason="cancelled",
-                        prompt_tokens=stats["prompt_tokens"],
-                        completion_tokens=stats["completion_tokens"],
-                        chunks=stats.get("chunks", 0),
-                        worker_id=self.worker_id,
-                    ),
-                )
+                await self._publish(trace_id, self._cancelled_end(trace_id, stats))
             else:
                 outcome = "aborted"
                 await asyncio.shield(
@@ -426,6 +443,16 @@ class Worker:
             # Adapter label only for one this engine serves: a request's free text never becomes a series.
             served = req.adapter if req.adapter and self.engine.has_adapter(req.adapter) else ""
             self.metrics.observe_generation(outcome, served, duration_s, stats)
+
+    def _cancelled_end(self, trace_id: str, stats: dict[str, Any]) -> StreamEnd:
+        return StreamEnd(
+            trace_id=trace_id,
+            finish_reason="cancelled",
+            prompt_tokens=stats["prompt_tokens"],
+            completion_tokens=stats["completion_tokens"],
+            chunks=stats.get("chunks", 0),
+            worker_id=self.worker_id,
+        )
 
     async def _generate(self, req: GenerateRequest, started: float, stats: dict[str, Any]) -> StreamEnd:
         trace_id = req.trace_id
