@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 
 from gateway.inference_client import InferenceClient, LinkWatch
 from gateway.metrics import GatewayMetrics
+from gateway.published import UnservedRequests
 from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
@@ -52,13 +53,14 @@ class GatewayCore:
         self.inference: InferenceClient
         self.training: JobService
         self.datasets: DatasetStore
+        self.unserved: UnservedRequests
 
     async def start(self) -> None:
         self.nc = await connect_nats(
             self.settings, name="cy-gateway", role="gateway", reconnected=self._reensure, disconnected=self.link.dropped
         )
         self.js = self.nc.jetstream()
-        await jetstream.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.start(self.nc, kv)
         await self._share_rate_limits()
@@ -73,12 +75,18 @@ class GatewayCore:
         roots = Roots.from_settings(self.settings.datasets_dir, self.settings.outputs_dir)
         self.datasets = DatasetStore(self.js)
         self.training = JobService(JobRecords(self.nc), self.registry, roots, self.datasets)
+        self.unserved = UnservedRequests(self.nc, self.js, self.workers, self.registry)
+        await self.unserved.start()
         self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
+
+    async def _ensure_request_streams(self) -> None:
+        s = self.settings
+        await jetstream.ensure_request_streams(self.js, s.queue_max_size, s.publisher_max_pending)
 
     async def _reensure(self) -> None:
         """After a reconnect the server may lack what we use (the memory-backed workers bucket always, the
         rest when its store was lost): re-create it all and reload the workers view."""
-        await jetstream.ensure_generate_stream(self.js, self.settings.queue_max_size)
+        await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.reload(kv)
         await jetstream.ensure_training_after_reconnect(self.js)
@@ -100,10 +108,13 @@ class GatewayCore:
             await asyncio.sleep(HINT_SWEEP_INTERVAL_S)
             try:
                 await self.inference.sweep_orphaned_hints()
+                await self.unserved.sweep()
             except Exception as exc:  # NATS down or JetStream electing: try again next round
                 log.debug("hint_sweep_failed", error=repr(exc))
 
     async def close(self) -> None:
+        if hasattr(self, "unserved"):
+            await self.unserved.close()
         self._tasks.cancel_all()
         await self._tasks.close(timeout=1)
         await close_nats(getattr(self, "nc", None))
@@ -127,6 +138,16 @@ class GatewayCore:
         except TimeoutError:
             pass
 
+    def serving_state(self, model_id: str) -> str:
+        """Whether this gateway can serve `model_id` now: the model's state among the live workers
+        (`WorkersView.model_state`: "ready", "loading", "failed", "unavailable"), or "draining" (shutting down)
+        and "disconnected" (NATS unreachable) when the gateway itself cannot take the request."""
+        if self.draining:
+            return "draining"
+        if not self.nc.is_connected:
+            return "disconnected"
+        return self.workers.model_state(model_id)
+
     def adapters(self, model_id: str) -> list[str]:
         """LoRA adapters usable with `model_id`: configured in the registry or announced by live workers."""
         spec = self.registry.models.get(model_id)
@@ -141,9 +162,12 @@ class GatewayCore:
         return None
 
     async def queue_state(self) -> tuple[int, int]:
-        """(pendingTasks, maxSize) straight from the work-queue stream."""
+        """(pendingTasks, maxSize) straight from the work-queue streams: pendingTasks counts both the services'
+        queue and the direct publishers' (each bounded apart); maxSize is the services' (HTTP clients') one."""
         info = await self.js.stream_info(subjects.GENERATE_STREAM)
-        return int(info.state.messages), int(info.config.max_msgs or self.settings.queue_max_size)
+        published = await self.js.stream_info(subjects.PUBLISHED_STREAM)
+        pending = int(info.state.messages) + int(published.state.messages)
+        return pending, int(info.config.max_msgs or self.settings.queue_max_size)
 
     async def nats_latency_ms(self) -> float:
         started = time.perf_counter()

@@ -257,11 +257,11 @@ class InferenceClient:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
-    async def _take_back(self, queued: Queued) -> bool:
+    async def _take_back(self, queued: Queued, stream: str = subjects.GENERATE_STREAM) -> bool:
         """Delete a queued request by its sequence. False when it is no longer queued (a worker has it, or
         someone else took it back first: deleting is atomic, so exactly one taker republishes)."""
         try:
-            return bool(await self.js.delete_msg(subjects.GENERATE_STREAM, queued.seq))
+            return bool(await self.js.delete_msg(stream, queued.seq))
         except (NotFoundError, APIError):
             return False
         except Exception as exc:  # NATS down: the stream's max_age still bounds how long it stays
@@ -276,28 +276,34 @@ class InferenceClient:
     async def sweep_orphaned_hints(self) -> int:
         """Move requests waiting on the hint subject of a worker that is gone (a direct publisher's, or one
         whose gateway died) to their model's tier. Returns how many were moved."""
-        info = await self.js.stream_info(subjects.GENERATE_STREAM, subjects_filter=subjects.HINTED_SUBJECTS)
         moved = 0
-        for subject, count in (info.state.subjects or {}).items():
-            if self.workers.is_alive(subjects.worker_of_hinted_subject(subject)):
-                continue
-            seq = 0
-            for _ in range(count):
-                try:
-                    raw = await self.js.get_msg(subjects.GENERATE_STREAM, seq=seq + 1, subject=subject, next=True)
-                except NotFoundError:
-                    break
-                seq = int(raw.seq or 0)
-                try:
-                    request = codec.request_decoder.decode(raw.data or b"")
-                    target = subjects.generate_subject(request.model_id, subjects.tier_of(request.priority))
-                except (codec.DecodeError, codec.ValidationError):
-                    target = subjects.generate_subject(subjects.model_of_hinted_subject(subject))
-                if await self._take_back(Queued(subject, seq)):
-                    await self.js.publish(target, raw.data or b"", timeout=5)
-                    moved += 1
+        for stream, hinted in (
+            (subjects.GENERATE_STREAM, subjects.HINTED_SUBJECTS),
+            (subjects.PUBLISHED_STREAM, subjects.PUBLISHED_HINTED_SUBJECTS),
+        ):
+            info = await self.js.stream_info(stream, subjects_filter=hinted)
+            for subject, count in (info.state.subjects or {}).items():
+                if not self.workers.is_alive(subjects.worker_of_hinted_subject(subject)):
+                    moved += await self._unhint(stream, subject, count)
         if moved:
             log.warning("orphaned_hints_rerouted", moved=moved)
+        return moved
+
+    async def _unhint(self, stream: str, subject: str, count: int) -> int:
+        moved = seq = 0
+        for _ in range(count):
+            try:
+                raw = await self.js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+            except NotFoundError:
+                break
+            seq = int(raw.seq or 0)
+            try:
+                priority = codec.request_decoder.decode(raw.data or b"").priority
+            except (codec.DecodeError, codec.ValidationError):
+                priority = 0
+            if await self._take_back(Queued(subject, seq), stream):
+                await self.js.publish(subjects.unhinted_subject(subject, priority), raw.data or b"", timeout=5)
+                moved += 1
         return moved
 
     async def _enqueue(self, request: GenerateRequest) -> Queued:

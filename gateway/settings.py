@@ -23,6 +23,9 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     # Hard limit on one request end to end.
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # Requests a direct publisher may have queued per model and tier (the excess is refused at publish, to
+    # that publisher only); publishers share a queue of queue_max_size apart from the HTTP clients' one.
+    publisher_max_pending: Annotated[int, msgspec.Meta(ge=1)] = 64
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1_048_576
     # Body limit of dataset uploads (POST /api/v1/datasets, POST /v1/files) instead of max_body_bytes.
     max_dataset_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 50 * 1024 * 1024

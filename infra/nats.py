@@ -54,6 +54,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
         [
             subjects.GENERATE_SUBJECTS,
             subjects.CANCEL_ALL,
+            subjects.STREAM_ALL,  # error replies to direct publishers (gateway/published.py)
             subjects.TRAINING_ALL,
             subjects.JS_API_ALL,
             subjects.JS_ACK_ALL,
@@ -64,7 +65,8 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             # Uploaded datasets: the gateway stores and deletes them; trainers only read (JS API + inbox).
             subjects.object_subjects(subjects.DATASETS_BUCKET),
         ],
-        [subjects.STREAM_ALL, subjects.workers_updates(), subjects.INBOX_ALL],
+        # Publishers' requests (to end those for models nobody serves, with a reply on their stream subject).
+        [subjects.STREAM_ALL, subjects.workers_updates(), subjects.INBOX_ALL, subjects.PUBLISHED_SUBJECTS],
     ),
     "worker": _role(
         [
@@ -76,6 +78,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
         [
             subjects.CANCEL_ALL,
             subjects.GENERATE_SUBJECTS,
+            subjects.PUBLISHED_SUBJECTS,
             subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
             subjects.INBOX_ALL,
             subjects.SRV_ALL,  # NATS micro service discovery (services/discovery.py): answers $SRV.PING/INFO/STATS
@@ -90,10 +93,11 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
 
 
 def publisher_permissions(name: str) -> dict[str, Any]:
-    """A direct publisher: publish requests (a JetStream publish is a plain publish; its ack comes back to
-    its inbox), cancel its own traces, read only its own reply subjects and inbox."""
+    """A direct publisher: publish requests on its own request subjects only (a JetStream publish is a plain
+    publish; its ack comes back to its inbox), so that the workers know it as the owner of what it sends;
+    cancel its own traces, read only its own reply subjects and inbox."""
     return {
-        "publish": {"allow": [subjects.GENERATE_SUBJECTS, subjects.owned_cancels(name)]},
+        "publish": {"allow": [subjects.owned_requests(name), subjects.owned_cancels(name)]},
         "subscribe": {"allow": [subjects.owned_streams(name), f"{subjects.publisher_inbox_prefix(name)}.>"]},
     }
 

@@ -89,13 +89,90 @@ def worker_of_hinted_subject(subject: str) -> str:
     return untoken(subject.rsplit(".", 1)[-1])
 
 
-def model_of_hinted_subject(subject: str) -> str:
-    return untoken(subject.split(".")[3])
-
-
 def model_requests_filter(model_id: str) -> str:
     """Every request subject of one model (workers use it as a wake-up doorbell)."""
     return f"{PREFIX}.gen.{token(model_id)}.>"
+
+
+# --- direct publishers' requests (a work-queue stream of their own) ---------------------------------
+# A publisher's requests carry its NATS user name as a subject token, and its credential may publish only
+# there (infra/nats.py): the owner of a request (whose reply subjects its trace id may name) is what NATS
+# authenticated, never what the payload says. Their own stream gives them their own bounds: a pending limit
+# per publisher, model and tier (the excess refused at publish, to that publisher only), and a pool apart
+# from the services' queue, so HTTP clients keep theirs.
+PUBLISHED_STREAM = f"{_STREAM_PREFIX}_PUBLISHED"
+PUBLISHED_SUBJECTS = f"{PREFIX}.pub.>"
+
+
+def published_subject(owner: str, model_id: str, tier: str = "normal") -> str:
+    """Where direct publisher `owner` publishes a GenerateRequest for `model_id`."""
+    return f"{PREFIX}.pub.{owner}.{token(model_id)}.{tier}"
+
+
+def published_hinted_subject(owner: str, model_id: str, worker_id: str) -> str:
+    """Where direct publisher `owner` publishes a request with `worker_hint` (a live worker's id)."""
+    return f"{PREFIX}.pub.{owner}.{token(model_id)}.hint.{token(worker_id)}"
+
+
+def owned_requests(owner: str) -> str:
+    """Every request subject of publisher `owner` (what its NATS user may publish on)."""
+    return f"{PREFIX}.pub.{owner}.>"
+
+
+def owner_of_request_subject(subject: str) -> str | None:
+    """The publisher a request subject belongs to; None for the services' own subjects (`gen`)."""
+    parts = subject.split(".")
+    return parts[3] if len(parts) >= 6 and subject.startswith(f"{PREFIX}.pub.") else None
+
+
+def model_of_request_subject(subject: str) -> str:
+    """The model id of any request subject (services' or a publisher's)."""
+    parts = subject.split(".")
+    return untoken(parts[4] if subject.startswith(f"{PREFIX}.pub.") else parts[3])
+
+
+# Every hinted request subject of every publisher, model and worker.
+PUBLISHED_HINTED_SUBJECTS = f"{PREFIX}.pub.*.*.hint.*"
+
+
+def unhinted_subject(hinted: str, priority: int) -> str:
+    """The tier subject a hinted request moves to when its worker is gone (the services' or its publisher's)."""
+    owner = owner_of_request_subject(hinted)
+    model_id = model_of_request_subject(hinted)
+    if owner is None:
+        return generate_subject(model_id, tier_of(priority))
+    return published_subject(owner, model_id, tier_of(priority))
+
+
+def published_model_filter(model_id: str) -> str:
+    return f"{PREFIX}.pub.*.{token(model_id)}.>"
+
+
+def published_tier_filter(model_id: str, tier: str) -> str:
+    return f"{PREFIX}.pub.*.{token(model_id)}.{tier}"
+
+
+def published_hint_filter(model_id: str, worker_id: str) -> str:
+    return f"{PREFIX}.pub.*.{token(model_id)}.hint.{token(worker_id)}"
+
+
+def published_tier_consumer(model_id: str, tier: str) -> str:
+    return f"pub_{token(model_id)}_{tier}"
+
+
+def published_hint_consumer(model_id: str, worker_id: str) -> str:
+    return f"pubhint_{token(model_id)}_{token(worker_id)}"
+
+
+def owner_of_trace(trace_id: str) -> str:
+    """`alice` for `alice.x1`; "" for a trace id without an owner (`gen-...`)."""
+    return trace_id.split(".", 1)[0] if "." in trace_id else ""
+
+
+def rehomed_trace_id(owner: str, trace_id: str) -> str:
+    """`trace_id` under `owner`: where a refusal goes when a publisher named a trace id it does not own
+    (`bob.x1` sent by alice -> `alice.x1`; `gen-x` -> `alice.gen-x`)."""
+    return owned_trace_id(owner, trace_id.split(".", 1)[-1])
 
 
 def tier_consumer(model_id: str, tier: str) -> str:

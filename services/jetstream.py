@@ -101,6 +101,35 @@ async def ensure_generate_stream(js: JetStreamContext, max_size: int) -> None:
     )
 
 
+# Direct publishers' requests: at most this many pending per publisher, model and tier by default.
+PUBLISHER_MAX_PENDING = 64
+
+
+async def ensure_published_stream(js: JetStreamContext, max_size: int, max_pending: int) -> None:
+    """Direct publishers' work queue (schemas/subjects.py PUBLISHED_STREAM): `max_pending` per subject (one
+    publisher, model and tier; the excess is refused to that publisher at publish time), `max_size` in all."""
+    await ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.PUBLISHED_STREAM,
+            subjects=[subjects.PUBLISHED_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_msgs_per_subject=max_pending,
+            max_msgs=max_size,
+            max_age=REQUEST_MAX_AGE_S,
+        ),
+    )
+
+
+async def ensure_request_streams(js: JetStreamContext, max_size: int, max_pending: int) -> None:
+    """Both work queues: the services' (HTTP requests) and the direct publishers', each bounded apart."""
+    await ensure_generate_stream(js, max_size)
+    await ensure_published_stream(js, max_size, max_pending)
+
+
 async def ensure_bucket(
     js: JetStreamContext, bucket: str, *, ttl: float | None = None, storage: StorageType = StorageType.FILE
 ) -> KeyValue:

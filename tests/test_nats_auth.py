@@ -73,7 +73,7 @@ async def test_a_publisher_credential_runs_its_own_request_and_cannot_read_other
                 prompt="hi",
                 generation=GenerationParams(temperature=0, max_new_tokens=4),
             )
-            await nc.jetstream().publish(subjects.generate_subject("tiny-solo"), codec.encode(req))
+            await nc.jetstream().publish(subjects.published_subject("alice", "tiny-solo"), codec.encode(req))
             last = None
             while not isinstance(last, StreamEnd):
                 last = codec.reply_decoder.decode((await replies.next_msg(timeout=30)).data)
@@ -85,6 +85,57 @@ async def test_a_publisher_credential_runs_its_own_request_and_cannot_read_other
             assert any("permissions violation" in str(e).lower() for e in errors), errors
         finally:
             await nc.close()
+
+
+async def test_a_publisher_cannot_make_chunks_appear_on_another_publishers_or_the_gateways_subjects(
+    secured: NatsServer, registry: Registry
+) -> None:
+    alice_password = mint_publisher(secured.root, "alice", TOKEN)
+    bob_password = mint_publisher(secured.root, "bob", TOKEN)
+    async with (
+        running_worker(secured.url, registry, "tiny-solo", worker_id="auth-w2", internal_token=TOKEN),
+        running_gateway(secured.url, registry, internal_token=TOKEN) as gw,
+    ):
+        errors: list[Exception] = []
+        alice = await _publisher(secured, "alice", alice_password, errors)
+        bob = await _publisher(secured, "bob", bob_password, errors)
+        try:
+            # What bob and the gateway would receive on the subjects alice aims at.
+            seen: list[bytes] = []
+
+            async def collect(msg: nats.aio.msg.Msg) -> None:
+                seen.append(msg.data)
+
+            await bob.subscribe(subjects.stream_subject("bob.t2"), cb=collect)
+            await gw.core.nc.subscribe(subjects.stream_subject("gen-owned-by-the-gateway"), cb=collect)
+            await bob.flush()
+            await gw.core.nc.flush()
+            refusals = [
+                await alice.subscribe(subjects.stream_subject(subjects.owned_trace_id("alice", local)))
+                for local in ("t2", "gen-owned-by-the-gateway")
+            ]
+            for trace_id in ("bob.t2", "gen-owned-by-the-gateway"):
+                req = GenerateRequest(trace_id=trace_id, model_id="tiny-solo", prompt="hi")
+                await alice.jetstream().publish(subjects.published_subject("alice", "tiny-solo"), codec.encode(req))
+            for sub in refusals:  # each refused, to alice, under her own name
+                reply = codec.reply_decoder.decode((await sub.next_msg(timeout=30)).data)
+                assert isinstance(reply, StreamError) and reply.code == "FORBIDDEN", reply
+                assert "alice.<id>" in reply.message
+            await asyncio.sleep(0.3)
+            assert seen == []
+            # Nor can she publish where the workers would take the services' word for the owner, or bob's.
+            errors.clear()
+            req = GenerateRequest(trace_id="bob.t3", model_id="tiny-solo", prompt="hi")
+            for subject in (subjects.generate_subject("tiny-solo"), subjects.published_subject("bob", "tiny-solo")):
+                await alice.publish(subject, codec.encode(req))
+            await alice.flush()
+            await asyncio.sleep(0.3)
+            denied = " ".join(str(e).lower() for e in errors)
+            assert denied.count("permissions violation") == 2, errors
+            assert seen == []
+        finally:
+            await alice.close()
+            await bob.close()
 
 
 async def test_the_gateway_worker_and_trainer_work_with_their_role_users(

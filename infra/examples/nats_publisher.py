@@ -37,7 +37,8 @@ async def main(prompt: str, model_id: str) -> int:
     # 1. Subscribe to the reply subject ("cy.v1.stream.<name>.<hex>") BEFORE publishing, so no chunk is missed.
     #    Cancel with a publish on subjects.cancel_subject(trace_id) ("cy.v1.cancel.<name>.<hex>").
     replies = await nc.subscribe(subjects.stream_subject(trace_id))
-    # 2. Publish the request on the work queue (JetStream acks it; a full queue raises at once).
+    # 2. Publish the request on this publisher's own request subject ("cy.v1.pub.<name>.<model>.normal"):
+    #    JetStream acks it; more than CY_LLM_PUBLISHER_MAX_PENDING queued (per model and tier) raises at once.
     request = {
         "trace_id": trace_id,
         "model_id": model_id,
@@ -46,7 +47,7 @@ async def main(prompt: str, model_id: str) -> int:
         "metadata": {"tenant": "example", "player_id": "player-1", "locale": "en-US"},
         "deadline_ms": int((time.time() + 30) * 1000),
     }
-    await js.publish(subjects.generate_subject(model_id, "normal"), msgspec.msgpack.encode(request))
+    await js.publish(subjects.published_subject(name, model_id, "normal"), msgspec.msgpack.encode(request))
     # 3. Read replies until "end" or "error" (a real client also watches the worker's heartbeat).
     code = 0
     while True:

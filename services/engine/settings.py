@@ -22,6 +22,8 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     device: str = "auto"
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    # Requests a direct publisher may have queued per model and tier (its stream's per-subject limit).
+    publisher_max_pending: Annotated[int, msgspec.Meta(ge=1)] = 64
     # Relative adapter paths in requests are read against the trainers' outputs root.
     outputs_dir: str = ""
     # Engine options (services/engine/engines.py EngineOptions; docs/engines.md).

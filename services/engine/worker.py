@@ -90,7 +90,8 @@ class Worker:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._started_ms = now_ms()
-        self._consumers: list[str] = []
+        self._consumers: list[tuple[str, str]] = []  # (stream, consumer) in pull order
+        self._round = 0
         self._adapters: AdapterSync | None = None
         self._reensuring: asyncio.Task[Any] | None = None
         self._reensured_at = 0.0
@@ -112,13 +113,14 @@ class Worker:
             self.settings, name=f"cy-worker-{self.worker_id}", role="worker", reconnected=self._reensure
         )
         js = self.nc.jetstream()
-        await jetstream.ensure_generate_stream(js, self.settings.queue_max_size)
+        await jetstream.ensure_request_streams(js, self.settings.queue_max_size, self.settings.publisher_max_pending)
         self._kv = await jetstream.ensure_workers_bucket(js)
         await self._ensure_consumers(js)
         self._pull_inbox = self.nc.new_inbox()
         self._pull_sub = await self.nc.subscribe(self._pull_inbox)
         await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
         await self.nc.subscribe(subjects.model_requests_filter(self.model_id), cb=self._on_doorbell)
+        await self.nc.subscribe(subjects.published_model_filter(self.model_id), cb=self._on_doorbell)
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
         await self._announce()
         self._metrics_server = metrics.serve(
@@ -147,14 +149,20 @@ class Worker:
         self._tasks.spawn(self._pull_loop(), name="pull")
 
     async def _ensure_consumers(self, js: Any) -> None:
+        """Pull consumers on both work queues, in the order they are asked: the hint ones first, then per tier
+        the services' queue and the publishers' (which of the two goes first alternates, see _next_request)."""
         from nats.js.api import AckPolicy, ConsumerConfig
 
-        hint = subjects.hint_consumer(self.model_id, self.worker_id)
-        wanted = [(hint, subjects.hinted_subject(self.model_id, self.worker_id), 60.0)] + [
-            (subjects.tier_consumer(self.model_id, t), subjects.generate_subject(self.model_id, t), None)
-            for t in subjects.TIERS
+        m, w = self.model_id, self.worker_id
+        gen, pub = subjects.GENERATE_STREAM, subjects.PUBLISHED_STREAM
+        wanted: list[tuple[str, str, str, float | None]] = [
+            (gen, subjects.hint_consumer(m, w), subjects.hinted_subject(m, w), 60.0),
+            (pub, subjects.published_hint_consumer(m, w), subjects.published_hint_filter(m, w), 60.0),
         ]
-        for name, filter_subject, inactive in wanted:
+        for t in subjects.TIERS:
+            wanted.append((gen, subjects.tier_consumer(m, t), subjects.generate_subject(m, t), None))
+            wanted.append((pub, subjects.published_tier_consumer(m, t), subjects.published_tier_filter(m, t), None))
+        for stream, name, filter_subject, inactive in wanted:
             config = ConsumerConfig(
                 durable_name=name,
                 filter_subject=filter_subject,
@@ -163,15 +171,15 @@ class Worker:
                 max_ack_pending=-1,
                 inactive_threshold=inactive,
             )
-            await jetstream.admin(partial(js.add_consumer, subjects.GENERATE_STREAM, config), f"consumer {name}")
-        self._consumers = [name for name, _, _ in wanted]
+            await jetstream.admin(partial(js.add_consumer, stream, config), f"consumer {name}")
+        self._consumers = [(stream, name) for stream, name, _, _ in wanted]
 
     async def _reensure(self) -> None:
         """After a reconnect (or a pull that finds no consumer): the server may have lost the memory-backed
         workers bucket or its whole store; re-create the queue, the bucket and our consumers, re-announce."""
         assert self.nc is not None
         js = self.nc.jetstream()
-        await jetstream.ensure_generate_stream(js, self.settings.queue_max_size)
+        await jetstream.ensure_request_streams(js, self.settings.queue_max_size, self.settings.publisher_max_pending)
         self._kv = await jetstream.ensure_workers_bucket(js)
         await self._ensure_consumers(js)
         await self._announce()
@@ -306,13 +314,12 @@ class Worker:
         """The next queued request, hint first then by priority tier; waits ~1 s for the doorbell."""
         self._doorbell.clear()
         assert self.nc is not None
-        for consumer in self._consumers:
+        self._round += 1
+        for stream, consumer in self._pull_order():
             # A JetStream delivery keeps its original subject, so nc.request() cannot match it to the
             # request: ask on our own inbox instead. A late answer to an earlier ask is still a valid
             # message (or a status) and is handled like any other.
-            await self.nc.publish(
-                subjects.consumer_next_subject(subjects.GENERATE_STREAM, consumer), _PULL_NOW, reply=self._pull_inbox
-            )
+            await self.nc.publish(subjects.consumer_next_subject(stream, consumer), _PULL_NOW, reply=self._pull_inbox)
             try:
                 msg = await self._pull_sub.next_msg(timeout=2)
             except (TimeoutError, NatsTimeoutError):
@@ -328,6 +335,15 @@ class Worker:
         except TimeoutError:
             pass
         return None
+
+    def _pull_order(self) -> list[tuple[str, str]]:
+        """The consumers in pull order. Within each pair (one hint or tier, the services' queue and the
+        publishers') the first alternates every round: neither kind of client can starve the other."""
+        order = list(self._consumers)
+        if self._round % 2:
+            for i in range(0, len(order) - 1, 2):
+                order[i], order[i + 1] = order[i + 1], order[i]
+        return order
 
     def _maybe_reensure(self) -> None:
         if (self._reensuring is None or self._reensuring.done()) and time.monotonic() - self._reensured_at > 5.0:
@@ -348,6 +364,10 @@ class Worker:
                 self.metrics.observe_queue_wait(msg.metadata.timestamp.timestamp())
             except Exception:  # not a JetStream delivery: no queue time to tell
                 pass
+            owner = subjects.owner_of_request_subject(msg.subject)
+            if owner is not None and subjects.owner_of_trace(request.trace_id) != owner:
+                await self._refuse_foreign_trace(owner, request.trace_id)
+                return
             await self._run(request)
         finally:
             self._busy -= 1
@@ -366,6 +386,15 @@ class Worker:
                     trace_id=trace_id, code=ErrorCode.INVALID_REQUEST, message=f"invalid GenerateRequest: {problem}"
                 ),
             )
+
+    async def _refuse_foreign_trace(self, owner: str, trace_id: str) -> None:
+        """A publisher named a trace id it does not own (another publisher's, or the gateway's): nothing goes
+        to that trace's subjects; the refusal goes to the same id under the publisher's own name."""
+        home = subjects.rehomed_trace_id(owner, trace_id) if subjects.is_valid_trace_id(trace_id) else ""
+        log.warning("request_foreign_trace_id", owner=owner, trace_id=trace_id)
+        if home and subjects.is_valid_trace_id(home):
+            message = f"trace_id {trace_id!r} is not yours: publisher {owner!r} must use '{owner}.<id>'"
+            await self._publish(home, StreamError(trace_id=home, code=ErrorCode.FORBIDDEN, message=message))
 
     async def _publish(self, trace_id: str, reply: Reply) -> None:
         assert self.nc is not None

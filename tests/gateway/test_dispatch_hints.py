@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from schemas import subjects
 from services import jetstream
@@ -90,18 +91,22 @@ async def test_a_hint_naming_a_worker_known_to_be_gone_goes_straight_to_the_norm
             assert await _pending(client) == 0
 
 
+@pytest.mark.parametrize("publisher", ["", "alice"])
 async def test_a_request_left_on_a_dead_workers_hint_subject_is_moved_to_the_normal_tier(
-    tmp_path: Path, registry: Registry
+    tmp_path: Path, registry: Registry, publisher: str
 ) -> None:
     """A direct publisher (no gateway watching its request) hints a worker that is gone: a gateway's sweep
-    moves the message, so it neither waits for the worker nor stays queued."""
+    moves the message, so it neither waits for the worker nor stays queued (on either work queue)."""
     server = NatsServer(tmp_path).start()
     nc = await connect(server.url)
     try:
-        await jetstream.ensure_generate_stream(nc.jetstream(), 1000)
-        orphan = await submit(
-            nc, request(MODEL, "orphan", worker_hint="never-was"), subjects.hinted_subject(MODEL, "never-was")
-        )
+        await jetstream.ensure_request_streams(nc.jetstream(), 1000, 64)
+        orphan_request = request(MODEL, "orphan", worker_hint="never-was")
+        subject = subjects.hinted_subject(MODEL, "never-was")
+        if publisher:
+            orphan_request.trace_id = subjects.owned_trace_id(publisher, orphan_request.trace_id)
+            subject = subjects.published_hinted_subject(publisher, MODEL, "never-was")
+        orphan = await submit(nc, orphan_request, subject)
         async with (
             running_worker(server.url, registry, MODEL, worker_id="hint-live-3", slots=2),
             running_gateway(server.url, registry) as gw,
