@@ -23,7 +23,7 @@ from gateway.generation import (
     resolve_model,
     streaming,
 )
-from gateway.http_json import json_response
+from gateway.http_json import json_body, json_response
 from gateway.ratelimit import RateLimiter
 from gateway.sse import SSE_KEEPALIVE, SSE_PRIMING, Primed, guarded, sse_event, sse_response
 from schemas.errors import CyError
@@ -62,7 +62,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
     bp = Blueprint("inference", __name__)
 
     async def parse() -> GenerateRequest:
-        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        data = await json_body()
         req = build(core, decode_body(data, InferenceBody))
         structlog.contextvars.bind_contextvars(**req.log_context())
         return req

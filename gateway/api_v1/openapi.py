@@ -34,6 +34,8 @@ _BODY = {
     400: "Malformed JSON, wrong types, out-of-range values or an empty body (`INVALID_REQUEST`; "
     "`details` names the field).",
     413: "Body over `CY_LLM_MAX_BODY_BYTES` (`INVALID_REQUEST`).",
+    415: "A Content-Type other than `application/json` (`INVALID_REQUEST`, `details[0].type` "
+    "`unsupported_media_type`, `field` `Content-Type`); a request without one is read as JSON.",
 }
 _JOB = path_param("jobId", "The training job's id (from /training/start or /training/list).")
 _NO_JOB = {404: "No job with that id (`TRAINING_JOB_NOT_FOUND`), or a `jobId` that names no route (`/` in it)."}

@@ -20,7 +20,7 @@ from quart import Blueprint, Response, request
 from gateway.api_v1 import protocol as p
 from gateway.api_v1.errors import decode_body
 from gateway.core import GatewayCore
-from gateway.http_json import json_response
+from gateway.http_json import json_body, json_response
 from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_response
 from schemas import subjects
 from schemas.errors import CyError, invalid
@@ -173,7 +173,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.post("/training/start")
     async def start() -> Response:
-        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        data = await json_body()
         body = decode_body(data, p.StartBody)
         req = msgspec.convert(body, StartTraining, from_attributes=True)
         try:

@@ -12,7 +12,7 @@ from quart import Blueprint, Response, request
 
 from gateway.core import GatewayCore
 from gateway.generation import FIRST_REPLY_GRACE_S, log_client_left
-from gateway.http_json import json_response
+from gateway.http_json import json_body, json_response
 from gateway.openai.auth import bearer_token
 from gateway.openai.bodies import ChatChunks, Chunks, TextChunks, chat_body, completion_body
 from gateway.openai.choices import Choices
@@ -125,13 +125,13 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.post("/chat/completions")
     async def chat_completions() -> Response:
-        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        data = await json_body()
         plan = plan_chat(core, decode_request(data, ChatCompletionRequest))
         return await respond(core, plan, "chat/completions", chat=True)
 
     @bp.post("/completions")
     async def completions() -> Response:
-        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        data = await json_body()
         plan = plan_completion(core, decode_request(data, CompletionRequest))
         return await respond(core, plan, "completions", chat=False)
 

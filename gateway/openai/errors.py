@@ -1,6 +1,6 @@
 """CyError -> OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with the status the SDKs map
-to their typed exceptions (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429 RateLimitError,
-5xx InternalServerError); request-body decoding that names the offending parameter."""
+to their typed exceptions (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 415 APIStatusError,
+429 RateLimitError, 5xx InternalServerError); request-body decoding that names the offending parameter."""
 
 from __future__ import annotations
 
@@ -15,19 +15,20 @@ from schemas.errors import CyError, ErrorCode, ErrorDetail
 
 T = TypeVar("T")
 
-# (status, OpenAI `type`, default OpenAI `code`) per internal code.
-_SHAPES: dict[ErrorCode, tuple[int, str, str | None]] = {
-    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error", None),
-    ErrorCode.UNAUTHORIZED: (401, "invalid_request_error", "invalid_api_key"),
-    ErrorCode.FORBIDDEN: (403, "invalid_request_error", "forbidden"),
-    ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
-    ErrorCode.TRAINING_JOB_NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    ErrorCode.DATASET_NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    ErrorCode.TRAINING_JOB_RUNNING: (400, "invalid_request_error", None),
-    ErrorCode.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_exceeded"),
-    ErrorCode.MODEL_NOT_READY: (503, "server_error", "model_not_ready"),
-    ErrorCode.INSUFFICIENT_RESOURCES: (503, "server_error", "service_unavailable"),
-    ErrorCode.INTERNAL_ERROR: (500, "server_error", "internal_error"),
+# (OpenAI `type`, default OpenAI `code`) per internal code; the status is the error's own (`CyError.status`:
+# the code's, or an HTTP-edge refusal's such as 415).
+_SHAPES: dict[ErrorCode, tuple[str, str | None]] = {
+    ErrorCode.INVALID_REQUEST: ("invalid_request_error", None),
+    ErrorCode.UNAUTHORIZED: ("invalid_request_error", "invalid_api_key"),
+    ErrorCode.FORBIDDEN: ("invalid_request_error", "forbidden"),
+    ErrorCode.MODEL_NOT_FOUND: ("invalid_request_error", "model_not_found"),
+    ErrorCode.TRAINING_JOB_NOT_FOUND: ("invalid_request_error", "not_found"),
+    ErrorCode.DATASET_NOT_FOUND: ("invalid_request_error", "not_found"),
+    ErrorCode.TRAINING_JOB_RUNNING: ("invalid_request_error", None),
+    ErrorCode.RATE_LIMITED: ("rate_limit_error", "rate_limit_exceeded"),
+    ErrorCode.MODEL_NOT_READY: ("server_error", "model_not_ready"),
+    ErrorCode.INSUFFICIENT_RESOURCES: ("server_error", "service_unavailable"),
+    ErrorCode.INTERNAL_ERROR: ("server_error", "internal_error"),
 }
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -42,7 +43,8 @@ def bad_request(param: str | None, message: str, *, code: str = "invalid_value")
 
 def openai_error(error: CyError) -> tuple[int, dict[str, Any]]:
     """(HTTP status, body) for `error` in OpenAI's shape."""
-    status, type_, code = _SHAPES.get(error.code, (500, "server_error", "internal_error"))
+    status = error.status
+    type_, code = _SHAPES.get(error.code, ("server_error", "internal_error"))
     detail = error.body.details[0] if error.body.details else None
     if detail is not None and error.code is ErrorCode.INVALID_REQUEST:
         code = detail.type

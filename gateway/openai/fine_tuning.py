@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from quart import Blueprint, Response, request
 
 from gateway.core import GatewayCore
-from gateway.http_json import json_response
+from gateway.http_json import json_body, json_response
 from gateway.openai.errors import bad_request, decode_request
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail
@@ -159,7 +159,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.post("/fine_tuning/jobs")
     async def create() -> Response:
-        data: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        data = await json_body()
         body = decode_request(data, CreateJob)
         try:
             job = await core.training.start(_start_request(body))

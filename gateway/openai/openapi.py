@@ -33,11 +33,16 @@ _AUTH = {
     **_ANY,
     401: "`Authorization: Bearer` missing or wrong while GATEWAY_API_TOKEN is set (`code` `invalid_api_key`).",
 }
+_NOT_JSON = (
+    "A Content-Type other than `application/json` (`code` `unsupported_media_type`, `param` `Content-Type`); "
+    "a request without one is read as JSON."
+)
 _GENERATE_ERRORS = {
     400: "Malformed JSON, an unknown or unsupported parameter, a wrong type or value, an empty body, or a prompt "
     "longer than the model's context (`param` names the parameter, `code` says why).",
     404: "`model` is neither a model, `default`, nor an adapter (`code` `model_not_found`).",
     413: "Body over `CY_LLM_MAX_BODY_BYTES` (`code` `request_too_large`).",
+    415: _NOT_JSON,
     429: "Per-client rate limit (`type` `rate_limit_error`, with `Retry-After`).",
     503: "Model still loading, no live worker, queue full, or the gateway is shutting down (`type` `server_error`).",
 }
@@ -238,6 +243,7 @@ def _paths() -> dict[str, Any]:
                             "(`param` names the parameter).",
                             404: "`model` not in the registry (`code` `model_not_found`).",
                             413: "Body over `CY_LLM_MAX_BODY_BYTES` (`code` `request_too_large`).",
+                            415: _NOT_JSON,
                             503: "The training queue is full (`type` `server_error`).",
                         },
                         common=_AUTH,

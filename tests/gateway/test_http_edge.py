@@ -1,6 +1,6 @@
 """Requests that break before a route sees them (bytes that are not UTF-8, JSON nested past the recursion
-limit, request heads the HTTP server refuses, paths with `//`): each gets a 4xx in the API's own error
-shape, through the real hypercorn server, and no request text reaches the logs."""
+limit, a body that is not sent as JSON, request heads the HTTP server refuses, paths with `//`): each gets a
+4xx in the API's own error shape, through the real hypercorn server, and no request text reaches the logs."""
 
 from __future__ import annotations
 
@@ -122,6 +122,54 @@ async def test_json_nested_past_the_recursion_limit_in_a_rest_body_is_a_400(gate
         for route in API_ROUTES:
             r = await client.post(f"/api/v1{route}", content=f'{{"prompt": {nested(DEEP)}}}')
             assert_spec_error(r, 400)
+
+
+# --- issue 19 item 10: a body that is not sent as JSON --------------------------------------------------
+NOT_JSON = ["text/plain", "application/x-www-form-urlencoded", "application/xml; charset=utf-8"]
+# Bodies that would pass (or fail late) if the Content-Type were ignored: the refusal must come first.
+REST_JSON = json.dumps({"modelId": "tiny", "prompt": "Hello", "generation": {"temperature": 0, "maxNewTokens": 2}})
+LITE_JSON = json.dumps({"model": "default", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2})
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON)
+@pytest.mark.parametrize("route", API_ROUTES)
+async def test_a_rest_body_sent_as_another_media_type_is_a_415_naming_the_content_type(
+    gateway: Gateway, route: str, content_type: str
+) -> None:
+    async with gateway.client() as client:
+        r = await client.post(f"/api/v1{route}", content=REST_JSON, headers={"content-type": content_type})
+    error = assert_spec_error(r, 415)
+    assert error["details"][0]["type"] == "unsupported_media_type", error
+    assert error["details"][0]["field"] == "Content-Type", error
+    assert content_type.split(";")[0] in error["message"] and "application/json" in error["message"], error
+
+
+@pytest.mark.parametrize("content_type", NOT_JSON)
+@pytest.mark.parametrize("route", [*LITE_ROUTES, "/fine_tuning/jobs"])
+async def test_an_openai_body_sent_as_another_media_type_is_a_415_in_openais_error_shape(
+    gateway: Gateway, route: str, content_type: str
+) -> None:
+    body = (
+        json.dumps({"model": "default", "prompt": "Hello", "max_tokens": 2}) if route == "/completions" else LITE_JSON
+    )
+    async with httpx.AsyncClient(base_url=str(gateway.lite_url), timeout=60) as client:
+        r = await client.post(route, content=body, headers={"content-type": content_type})
+    error = assert_openai_error(r, 415)
+    assert (error["code"], error["param"]) == ("unsupported_media_type", "Content-Type"), error
+    assert r.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON", None])
+async def test_json_with_parameters_any_case_or_no_content_type_at_all_is_served_on_both_faces(
+    gateway: Gateway, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    async with gateway.client() as client:
+        rest = await client.post("/api/v1/inference", content=REST_JSON, headers=headers)
+    async with httpx.AsyncClient(base_url=str(gateway.lite_url), timeout=60) as client:
+        lite = await client.post("/chat/completions", content=LITE_JSON, headers=headers)
+    assert rest.status_code == 200, rest.text
+    assert lite.status_code == 200, lite.text
 
 
 # --- item 6: what the HTTP server layer refuses -----------------------------------------------------

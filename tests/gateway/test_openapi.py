@@ -68,6 +68,8 @@ def test_every_error_response_uses_the_apps_error_schema(build: Any, error_schem
                 assert "401" in statuses, (path, method)
             if "requestBody" in op:
                 assert {"400", "413"} <= set(statuses), (path, method)
+                if set(op["requestBody"]["content"]) == {"application/json"}:  # other media types: 415
+                    assert "415" in statuses, (path, method)
             for status, response in statuses.items():
                 if int(status) < 400 or (path, method, status) in PROBE_BODIES:
                     continue
