@@ -16,6 +16,7 @@ from services.jetstream import WORKERS_TTL_S
 
 log = structlog.get_logger()
 
+# Per model, over the live workers: one has it loaded, one is loading it, all failed to load it, or none runs it.
 ModelState = Literal["ready", "loading", "failed", "unavailable"]
 
 

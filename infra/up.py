@@ -182,8 +182,8 @@ def main() -> int:
     lite = env.get("CY_LLM_LITE_PORT", "8000")
     host = env.get("CY_LLM_HOST", "127.0.0.1")
     # "ready" means a request succeeds now: the default model is loaded on a worker (with no workers of our
-    # own, the gateway answering is all we can wait for).
-    url = f"http://{host}:{port}/api/v1/" + (f"models/{resolved[0]}" if workers else "health")
+    # own, the gateway answering is all we can wait for: /health itself is 503 until some model is ready).
+    url = f"http://{host}:{port}/api/v1/" + (f"models/{resolved[0]}" if workers else "health/live")
     if _wait_ready(url, api_key, lambda: sup.poll() is None, b'"status":"ready"' if workers else b'"status"'):
         print("\n[cy-llm] ready", flush=True)
         print(f"  REST API    http://{host}:{port}/api/v1   (header X-API-Key)", flush=True)

@@ -22,7 +22,7 @@ from gateway.server import hypercorn_config
 from gateway.settings import GatewaySettings
 from infra.nats import free_port, start_nats
 from schemas import codec, subjects
-from schemas.workers import ServedModel, WorkerInfo
+from schemas.workers import ModelStatus, ServedModel, WorkerInfo
 from services.engine.settings import WorkerSettings
 from services.engine.worker import Worker
 from services.models.files import ensure_model
@@ -192,9 +192,11 @@ async def running_gateway(nats_url: str, registry: Registry, **overrides: Any) -
         await core.close()
 
 
-async def announce_ghost_worker(gw: Gateway, worker_id: str, model_id: str = "unserved", alive_s: int = 60) -> None:
+async def announce_ghost_worker(
+    gw: Gateway, worker_id: str, model_id: str = "unserved", alive_s: int = 60, status: ModelStatus = "ready"
+) -> None:
     """Put a worker in the workers bucket that serves `model_id` and stays alive for `alive_s` but never pulls,
-    and wait until the gateway counts the model ready: requests for it then wait in the queue."""
+    and wait until the gateway sees the model in `status`: when ready, requests for it then wait in the queue."""
     ghost = WorkerInfo(
         worker_id=worker_id,
         engine="transformers",
@@ -202,11 +204,11 @@ async def announce_ghost_worker(gw: Gateway, worker_id: str, model_id: str = "un
         slots_total=1,
         heartbeat_ms=int(time.time() * 1000) + alive_s * 1000,
         heartbeat_interval=alive_s // 2,
-        models=[ServedModel(model_id=model_id, status="ready", engine="transformers")],
+        models=[ServedModel(model_id=model_id, status=status, engine="transformers")],
     )
     kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
     await kv.put(subjects.worker_key(worker_id), codec.encode(ghost))
-    await wait_until(lambda: gw.core.workers.model_state(model_id) == "ready")
+    await wait_until(lambda: gw.core.workers.model_state(model_id) == status)
 
 
 async def _wait_port(port: int) -> None:

@@ -157,6 +157,8 @@ async def test_models_and_status_print_tables(gw: Gateway, tmp_path: Path) -> No
     assert "UP" in coordinator and "healthy" in coordinator and "queue" in coordinator
     assert any("nats" in line and "latency" in line for line in lines)
     assert any("gateway" in line and "uptime" not in line and "up " in line for line in lines)
+    assert any("model tiny " in line and "ready" in line for line in lines), lines
+    assert any("model unserved " in line and "unavailable" in line for line in lines), lines
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ _BODY = {
     415: "A Content-Type other than `application/json` (`INVALID_REQUEST`, `details[0].type` "
     "`unsupported_media_type`, `field` `Content-Type`); a request without one is read as JSON.",
 }
+_HEALTH_503 = (
+    "STARTING (no model can be served yet: `models` says which are loading, failed or have no worker) or DOWN "
+    "(NATS unreachable): the same body."
+)
 _JOB = path_param("jobId", "The training job's id (from /training/start or /training/list).")
 _NO_JOB = {404: "No job with that id (`TRAINING_JOB_NOT_FOUND`), or a `jobId` that names no route (`/` in it)."}
 
@@ -138,8 +142,8 @@ def _paths() -> dict[str, Any]:
                 "health",
                 "health",
                 {
-                    "200": json_content(p.Health, "UP or DEGRADED."),
-                    "503": json_content(p.Health, "DOWN (NATS unreachable): the same body."),
+                    "200": json_content(p.Health, "UP (a model can be served) or DEGRADED (draining)."),
+                    "503": json_content(p.Health, _HEALTH_503),
                     **errors(p.ErrorEnvelope, {}, common=_AUTH),
                 },
             )
@@ -150,8 +154,35 @@ def _paths() -> dict[str, Any]:
                 "health",
                 "healthDetails",
                 {
-                    "200": json_content(p.HealthDetails, "UP or DEGRADED."),
-                    "503": json_content(p.HealthDetails, "DOWN (NATS unreachable): the same body."),
+                    "200": json_content(p.HealthDetails, "UP (a model can be served) or DEGRADED (draining)."),
+                    "503": json_content(p.HealthDetails, _HEALTH_503),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            )
+        },
+        f"{PREFIX}/health/live": {
+            "get": _op(
+                "Liveness: the gateway process answers",
+                "health",
+                "healthLive",
+                {
+                    "200": json_content(p.Liveness, "Always, while the process runs (workers are not checked)."),
+                    **errors(p.ErrorEnvelope, {}, common=_AUTH),
+                },
+            )
+        },
+        f"{PREFIX}/health/ready": {
+            "get": _op(
+                "Readiness: the default model can be served now",
+                "health",
+                "healthReady",
+                {
+                    "200": json_content(p.Readiness, "READY: a live worker has the default model loaded."),
+                    "503": json_content(
+                        p.Readiness,
+                        "NOT_READY (the same body, with `reason`): the model is loading, failed or has no live "
+                        "worker, NATS is unreachable, or the gateway is draining.",
+                    ),
                     **errors(p.ErrorEnvelope, {}, common=_AUTH),
                 },
             )
@@ -381,6 +412,8 @@ def build_document() -> dict[str, Any]:
             p.AdapterDeleted,
             p.Health,
             p.HealthDetails,
+            p.Liveness,
+            p.Readiness,
             p.TrainingStarted,
             p.TrainingStatus,
             p.TrainingJobList,

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.workers import ModelState
 from schemas.errors import ErrorCode, ErrorDetail
 from schemas.inference import GenerationParams, Metadata
 from schemas.training import EventKind, HyperParams, JobStatus, LoraConfig, StartTraining
@@ -152,12 +153,15 @@ class InferenceChunk(msgspec.Struct, kw_only=True):
     choices: list[InferenceChunkChoice]
 
 
-HealthStatus = Literal["UP", "DEGRADED", "DOWN"]
+# UP: a model can be served. STARTING (503): NATS is up but no worker has a model ready yet (loading, failed or
+# none running). DEGRADED: the gateway is draining. DOWN (503): NATS is unreachable.
+HealthStatus = Literal["UP", "STARTING", "DEGRADED", "DOWN"]
 
 
 class Health(msgspec.Struct, kw_only=True):
     status: HealthStatus
     components: dict[str, str]
+    models: dict[str, ModelState]
     timestamp: str
 
 
@@ -211,7 +215,23 @@ class HealthComponents(msgspec.Struct, kw_only=True):
 class HealthDetails(msgspec.Struct, kw_only=True):
     status: HealthStatus
     components: HealthComponents
+    models: dict[str, ModelState]
     timestamp: str
+
+
+class Liveness(msgspec.Struct, kw_only=True):
+    status: Literal["UP"]
+
+
+class Readiness(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
+    """Whether the registry's default model can be served now."""
+
+    status: Literal["READY", "NOT_READY"]
+    model_id: str
+    # A ModelState, or "draining" / "disconnected" (NATS unreachable) when the gateway cannot take work.
+    model_status: str
+    # Why not (only when NOT_READY).
+    reason: str = ""
 
 
 class ModelSummary(msgspec.Struct, kw_only=True, rename="camel"):

@@ -67,7 +67,9 @@ def models(ctx: typer.Context) -> None:
 
 
 def _status_colour(status: str) -> str:
-    return {"UP": "green", "DEGRADED": "yellow"}.get(status, "red")
+    return {"UP": "green", "ready": "green", "DEGRADED": "yellow", "STARTING": "yellow", "loading": "yellow"}.get(
+        status, "red"
+    )
 
 
 def _details(name: str, details: dict[str, Any]) -> str:
@@ -86,7 +88,7 @@ def _details(name: str, details: dict[str, Any]) -> str:
 
 @app.command()
 def status(ctx: typer.Context) -> None:
-    """The gateway's health: components, workers and queue. Exit status 1 when the service is DOWN."""
+    """The gateway's health: components, workers, queue and each model's state. Exit status 1 when DOWN."""
     with Client.api(config_of(ctx)) as client:
         # 503 is the health answer for DOWN, with the same body: show it rather than call it an error.
         data = client.request("GET", "/health/details", ok=(503,))
@@ -97,6 +99,8 @@ def status(ctx: typer.Context) -> None:
     for name, component in data.get("components", {}).items():
         state = str(component.get("status", "?"))
         table.add_row(name, f"[{_status_colour(state)}]{state}[/]", _details(name, component.get("details", {})))
+    for model_id, state in data.get("models", {}).items():  # UP needs one of them ready
+        table.add_row(f"model {model_id}", f"[{_status_colour(state)}]{state}[/]", "")
     console.print(table)
     if overall == "DOWN":
         raise typer.Exit(1)

@@ -86,6 +86,8 @@ async def test_every_route_requires_the_api_key(gateway: Gateway) -> None:
     routes = [
         ("GET", "/api/v1/health"),
         ("GET", "/api/v1/health/details"),
+        ("GET", "/api/v1/health/live"),
+        ("GET", "/api/v1/health/ready"),
         ("GET", "/api/v1/models"),
         ("GET", "/api/v1/models/tiny"),
         ("POST", "/api/v1/inference"),
@@ -117,6 +119,8 @@ async def test_health_details_reports_workers_queue_and_nats(gateway: Gateway) -
         health = (await client.get("/api/v1/health")).json()
         details = (await client.get("/api/v1/health/details")).json()
     assert health["status"] == "UP" and health["components"] == {"gateway": "UP", "coordinator": "UP", "nats": "UP"}
+    assert health["models"]["tiny"] == "ready" and health["models"]["unserved"] == "unavailable"
+    assert details["models"] == health["models"]
     coord = details["components"]["coordinator"]["details"]
     assert coord["workers"]["healthy"] >= 1 and coord["workers"]["total"] >= coord["workers"]["healthy"]
     assert coord["queue"] == {"pendingTasks": 0, "maxSize": 1000}

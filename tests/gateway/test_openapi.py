@@ -20,7 +20,12 @@ from services.models.registry import Registry
 from tests.helpers import API_KEY
 
 # Probes whose non-200 answer is their own body, not an error: a load balancer reads it.
-PROBE_BODIES = {("/api/v1/health", "get", "503"), ("/api/v1/health/details", "get", "503"), ("/ready", "get", "503")}
+PROBE_BODIES = {
+    ("/api/v1/health", "get", "503"),
+    ("/api/v1/health/details", "get", "503"),
+    ("/api/v1/health/ready", "get", "503"),
+    ("/ready", "get", "503"),
+}
 _ANY_PARAM = re.compile(r"<[^>]*>|\{[^}]*\}")
 
 

@@ -48,7 +48,7 @@ NO_SUCH_FILE = "ds-" + "0" * 24  # a well-formed dataset id that was never uploa
 MAX_UPLOAD = 4096
 SERVED = "tiny"  # the session's tiny-model worker
 # Their 503 is a documented answer (nothing serves the default model here), not a failure.
-PROBES = {"/ready", "/api/v1/health", "/api/v1/health/details"}
+PROBES = {"/ready", "/api/v1/health", "/api/v1/health/details", "/api/v1/health/ready"}
 # `tools` and `response_format` are typed, but random JSON Schemas in them mostly measure grammar compilation.
 _REFUSED_UNLESS_OFF = (
     *("logit_bias", "tools", "functions", "function_call"),
