@@ -106,6 +106,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     deadline_ms: int = 0
     # Tokens per TokenChunk message (0 = the worker's default, 4).
     stream_chunk_size: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    # Set by workers: how many times a worker whose engine went down before any text handed this request back
+    # to the queue (another worker then sends its own `accepted`). Publishers leave it 0.
+    handbacks: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def log_context(self) -> dict[str, str | None]:
         """What every log line about this request carries (bound as structlog contextvars by the gateway's

@@ -135,6 +135,14 @@ def model_of_request_subject(subject: str) -> str:
 PUBLISHED_HINTED_SUBJECTS = f"{PREFIX}.pub.*.*.hint.*"
 
 
+def is_any_hinted_subject(subject: str) -> bool:
+    """A hinted request subject of the services' queue or of a publisher's."""
+    parts = subject.split(".")
+    if subject.startswith(f"{PREFIX}.pub."):
+        return len(parts) == 7 and parts[5] == "hint"
+    return is_hinted_subject(subject)
+
+
 def unhinted_subject(hinted: str, priority: int) -> str:
     """The tier subject a hinted request moves to when its worker is gone (the services' or its publisher's)."""
     owner = owner_of_request_subject(hinted)

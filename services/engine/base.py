@@ -14,6 +14,14 @@ from schemas.inference import FinishReason, GenerateRequest, GenerationParams, T
 from services.engine import tool_prompt
 
 
+class EngineDown(CyError):
+    """The engine cannot run requests now (its process died, or is being restarted). Raised by `generate`;
+    retryable: a request that has produced no text yet is handed back to the queue by the worker."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL_ERROR, message, retryable=True)
+
+
 class TokenStep(msgspec.Struct):
     """New token ids from the engine; `finish_reason` is set on the last step of a sequence.
 
@@ -70,6 +78,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @property
+    def available(self) -> bool:
+        """Whether the engine can take a request now (False while its process restarts: the worker stops
+        pulling, so another worker serves the queue meanwhile)."""
+        return True
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:

@@ -33,7 +33,7 @@ from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
 from services.engine import grammar
 from services.engine import openvino_process as proc
-from services.engine.base import Engine, StepInbox, TokenStep
+from services.engine.base import Engine, EngineDown, StepInbox, TokenStep
 from services.engine.engines import EngineOptions, openvino_weights
 from services.models.files import ensure_openvino
 from services.models.registry import ModelSpec
@@ -162,6 +162,11 @@ class OpenVinoEngine(Engine):
         if self._lora is not None:
             await self._lora.close()
 
+    @property
+    def available(self) -> bool:
+        with self._lock:
+            return self._conn is not None and not self._stopping
+
     def unfinished_requests(self) -> int:
         """Base-model requests in the pipeline (a cancelled one leaves at once)."""
         with self._lock:
@@ -215,6 +220,8 @@ class OpenVinoEngine(Engine):
             return
         if self._stopping:
             raise CyError(ErrorCode.INTERNAL_ERROR, "the engine is shutting down", retryable=True)
+        if not self.available:
+            raise EngineDown("the engine process is restarting")
         inbox = StepInbox()
 
         def emit(item: TokenStep | BaseException) -> None:
@@ -263,10 +270,7 @@ class OpenVinoEngine(Engine):
                 conn.send_bytes(data)
             except (OSError, ValueError):  # the process is dead or restarting: the request cannot run now
                 if request_id >= 0:
-                    self._fail(
-                        [request_id],
-                        CyError(ErrorCode.INTERNAL_ERROR, "the engine process is restarting", retryable=True),
-                    )
+                    self._fail([request_id], EngineDown("the engine process is restarting"))
 
     def _read_loop(self) -> None:
         backoff = RESTART_BACKOFF_S[0]
@@ -322,7 +326,7 @@ class OpenVinoEngine(Engine):
             self._conn = None
             held = list(self._requests)
         log.error("engine_process_died", engine=self.name, exitcode=exitcode, requests=len(held), restart_in_s=backoff)
-        self._fail(held, CyError(ErrorCode.INTERNAL_ERROR, "the engine process died mid-request", retryable=True))
+        self._fail(held, EngineDown("the engine process died mid-request"))
         time.sleep(backoff)
         if self._stopping:
             return backoff

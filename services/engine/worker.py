@@ -27,7 +27,7 @@ from schemas.inference import Accepted, GenerateRequest, Reply, StreamEnd, Strea
 from schemas.workers import ServedModel, WorkerInfo
 from services import discovery, jetstream, metrics
 from services.engine.adapters import AdapterSync
-from services.engine.base import Engine
+from services.engine.base import Engine, EngineDown
 from services.engine.chunker import Chunker
 from services.engine.engines import build_engine, select_engine
 from services.engine.settings import WorkerSettings
@@ -38,6 +38,10 @@ from services.runtime import Tasks, close_nats, connect_nats, data_dir
 log = structlog.get_logger()
 
 _PULL_NOW = msgspec.json.encode({"batch": 1, "no_wait": True})
+
+# A request whose engine went down before it produced any text goes back to the queue (for a healthy worker)
+# at most this many times; then its client gets the retryable error.
+MAX_HANDBACKS = 3
 
 # A cancel can arrive before its request is picked up: the requester left while its publish was in flight
 # (so it could not take the message back), or while this worker was pulling or acking it. Such cancels are
@@ -294,6 +298,9 @@ class Worker:
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
+            if not self.engine.available:  # restarting: leave the queue to healthy workers meanwhile
+                await asyncio.sleep(0.1)
+                continue
             await self._slots.acquire()
             try:
                 msg = await self._next_request()
@@ -368,7 +375,7 @@ class Worker:
             if owner is not None and subjects.owner_of_trace(request.trace_id) != owner:
                 await self._refuse_foreign_trace(owner, request.trace_id)
                 return
-            await self._run(request)
+            await self._run(request, msg.subject)
         finally:
             self._busy -= 1
             self._slots.release()
@@ -401,7 +408,7 @@ class Worker:
         await self.nc.publish(subjects.stream_subject(trace_id), codec.encode(reply))
 
     # --- one request ---------------------------------------------------------------------------
-    async def _run(self, req: GenerateRequest) -> None:
+    async def _run(self, req: GenerateRequest, subject: str = "") -> None:
         trace_id = req.trace_id
         structlog.contextvars.bind_contextvars(**req.log_context())
         task = asyncio.current_task()
@@ -440,18 +447,20 @@ class Worker:
                     )
                 )
                 raise
+        except EngineDown as exc:
+            if (
+                subject
+                and not stats.get("chunks")
+                and req.handbacks < MAX_HANDBACKS
+                and await self._hand_back(req, subject)
+            ):
+                outcome = "handed_back"
+            else:
+                outcome = exc.code.value
+                await self._publish(trace_id, self._stream_error(trace_id, exc))
         except CyError as exc:
             outcome = exc.code.value
-            await self._publish(
-                trace_id,
-                StreamError(
-                    trace_id=trace_id,
-                    code=exc.code,
-                    message=exc.body.message,
-                    retryable=exc.body.retryable,
-                    worker_id=self.worker_id,
-                ),
-            )
+            await self._publish(trace_id, self._stream_error(trace_id, exc))
         except Exception:
             outcome = ErrorCode.INTERNAL_ERROR.value
             log.exception("request_failed")
@@ -472,6 +481,30 @@ class Worker:
             # Adapter label only for one this engine serves: a request's free text never becomes a series.
             served = req.adapter if req.adapter and self.engine.has_adapter(req.adapter) else ""
             self.metrics.observe_generation(outcome, served, duration_s, stats)
+
+    async def _hand_back(self, req: GenerateRequest, subject: str) -> bool:
+        """Queue `req` again for another worker (its tier subject, never this worker's hint). False when the
+        queue refuses it (full, unavailable): the client then gets the error."""
+        assert self.nc is not None
+        if subjects.is_any_hinted_subject(subject):
+            subject = subjects.unhinted_subject(subject, req.priority)
+        again = msgspec.structs.replace(req, handbacks=req.handbacks + 1, worker_hint="")
+        try:
+            await self.nc.jetstream().publish(subject, codec.encode(again), timeout=5)
+        except Exception as exc:
+            log.warning("hand_back_failed", error=repr(exc))
+            return False
+        log.warning("request_handed_back", reason="engine_down", handbacks=again.handbacks)
+        return True
+
+    def _stream_error(self, trace_id: str, exc: CyError) -> StreamError:
+        return StreamError(
+            trace_id=trace_id,
+            code=exc.code,
+            message=exc.body.message,
+            retryable=exc.body.retryable,
+            worker_id=self.worker_id,
+        )
 
     def _cancelled_end(self, trace_id: str, stats: dict[str, Any]) -> StreamEnd:
         return StreamEnd(

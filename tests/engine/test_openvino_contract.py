@@ -159,6 +159,38 @@ async def test_a_pipeline_process_that_dies_fails_its_requests_retryably_and_com
     assert end(await ask(nc, request(max_new_tokens=4))).completion_tokens == 4
 
 
+async def test_when_the_pipeline_dies_before_a_requests_first_token_another_worker_serves_it_and_new_ones(
+    worker: Worker, nats_server: NatsServer, engine_registry: Registry, nc: NATS
+) -> None:
+    """Requests still in prefill go back to the queue; the worker stops pulling while its engine restarts, so
+    a healthy worker of the model serves both them and the requests that arrive meanwhile: no errors."""
+    from schemas import subjects
+    from schemas.inference import Accepted, StreamEnd
+
+    engine = worker.engine
+    await wait_until(lambda: engine.available, timeout=60)
+    async with running_worker(
+        nats_server.url, engine_registry, MODEL_ID, worker_id="ov-backup", engine="transformers", slots=4
+    ):
+        long_prompt = "Summarise this: " + "the quick brown fox jumps over the lazy dog " * 120  # ~1,200 tokens
+        hinted = subjects.hinted_subject(MODEL_ID, worker.worker_id)
+        victims = [await submit(nc, request(long_prompt, max_new_tokens=8), hinted) for _ in range(2)]
+        await wait_until(lambda: all(v.trace_id in worker._active for v in victims), timeout=30)
+        assert not any(chunks(v) for v in victims)  # still prefilling
+        pid = engine._process.pid  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: not engine.available, timeout=5)
+        newcomers = [await submit(nc, request(max_new_tokens=4)) for _ in range(4)]
+        for out in victims + newcomers:  # no errors (the restarted pipeline may take some once it is back)
+            await asyncio.wait_for(out.done.wait(), 120)
+            assert isinstance(out.end, StreamEnd), out.end
+        for v in victims:  # accepted by the dying worker, then again by the one that served it
+            accepted = [r.worker_id for r in v.replies if isinstance(r, Accepted)]
+            assert len(accepted) == 2 and accepted[0] == worker.worker_id, accepted
+            assert accepted[1] == v.end.worker_id  # type: ignore[union-attr]
+    await wait_until(lambda: engine._process.pid != pid and engine.available, timeout=60)  # type: ignore[attr-defined]
+
+
 async def test_the_exact_mode_matches_transformers_and_is_the_same_alone_and_in_a_batch(
     nats_server: NatsServer, nc: NATS
 ) -> None:
