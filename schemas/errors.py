@@ -21,6 +21,9 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "FORBIDDEN"
     # Added for the datasets API (/api/v1/datasets, /v1/files): an unknown dataset id.
     DATASET_NOT_FOUND = "DATASET_NOT_FOUND"
+    # Added for deletes refused while something still needs the resource (a dataset or an adapter that an
+    # active training job uses, an adapter that workers serve): 409 Conflict, on both HTTP faces.
+    RESOURCE_IN_USE = "RESOURCE_IN_USE"
 
 
 HTTP_STATUS: dict[ErrorCode, int] = {
@@ -35,6 +38,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.DATASET_NOT_FOUND: 404,
+    ErrorCode.RESOURCE_IN_USE: 409,
 }
 
 
@@ -87,4 +91,13 @@ def invalid(field: str, description: str, *, type_: str = "invalid_value") -> Cy
         ErrorCode.INVALID_REQUEST,
         f"Invalid {field}: {description}",
         details=[ErrorDetail(type=type_, field=field, description=description)],
+    )
+
+
+def in_use(field: str, message: str, holders: list[str]) -> CyError:
+    """A 409: the resource that `field` names is still needed; one detail per holder (a job, a worker)."""
+    return CyError(
+        ErrorCode.RESOURCE_IN_USE,
+        message,
+        details=[ErrorDetail(type="resource_in_use", field=field, description=holder) for holder in holders],
     )

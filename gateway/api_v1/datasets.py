@@ -1,5 +1,6 @@
 """/api/v1/datasets: upload (validated row by row), list, get, delete training datasets kept in the JetStream
-object store, so that `POST /training/start {"datasetId": ...}` needs no disk shared with the trainers.
+object store, so that `POST /training/start {"datasetId": ...}` needs no disk shared with the trainers. A dataset
+that a queued, running or paused job trains from is not deleted (409 RESOURCE_IN_USE: services/training/holders.py).
 
 Uploads are read by gateway/uploads.py, which also gives them their own size limit.
 """
@@ -14,6 +15,7 @@ from gateway.api_v1.training import iso
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from gateway.uploads import read_upload
+from services.training import holders
 from services.training.dataset_store import DatasetInfo
 
 
@@ -50,7 +52,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.delete("/datasets/<dataset_id>")
     async def delete_dataset(dataset_id: str) -> Response:
-        info = await core.datasets.delete(dataset_id)
+        info = await holders.delete_dataset(core.training.records, core.datasets, dataset_id, "id")
         return json_response({"id": info.dataset_id, "object": "dataset", "deleted": True})
 
     return bp

@@ -46,6 +46,9 @@ _NO_JOB = {404: "No job with that id (`TRAINING_JOB_NOT_FOUND`), or a `jobId` th
 
 _DATASET = path_param("datasetId", "The dataset's id (`ds-...`, from POST /datasets).")
 _NO_DATASET = {404: "No dataset with that id (`DATASET_NOT_FOUND`), or a `datasetId` that names no route (`/` in it)."}
+_DATASET_IN_USE = {
+    409: "A queued, running or paused training job trains from it (`RESOURCE_IN_USE`; `details` name the jobs)."
+}
 _ROW = {"anyOf": [ref(p.AlpacaRow), ref(p.ChatRow)]}
 
 _INFERENCE_ERRORS = {
@@ -129,11 +132,22 @@ def _paths() -> dict[str, Any]:
                     "200": json_content(p.AdapterDeleted, "The records deleted (every worker unloads the adapter)."),
                     **errors(
                         p.ErrorEnvelope,
-                        {404: "No trained adapter of that name (`MODEL_NOT_FOUND`); registry adapters included."},
+                        {
+                            404: "No trained adapter of that name (`MODEL_NOT_FOUND`); registry adapters included.",
+                            409: "A queued, running or paused job trains into that name, or (without `force`) live "
+                            "workers serve it (`RESOURCE_IN_USE`; `details` name the jobs or workers).",
+                        },
                         common=_AUTH,
                     ),
                 },
-                parameters=[path_param("name", "The adapter's name (`adapterName` of its training job).")],
+                parameters=[
+                    path_param("name", "The adapter's name (`adapterName` of its training job)."),
+                    query_param(
+                        "force",
+                        "`true`: delete it even while workers serve it (requests using it at that moment fail).",
+                        {"type": "boolean", "default": False},
+                    ),
+                ],
             )
         },
         f"{PREFIX}/health": {
@@ -283,8 +297,8 @@ def _paths() -> dict[str, Any]:
                 "datasets",
                 "deleteDataset",
                 {
-                    "200": json_content(p.DatasetDeleted, "Deleted (jobs that have not fetched it yet will fail)."),
-                    **errors(p.ErrorEnvelope, _NO_DATASET, common=_AUTH),
+                    "200": json_content(p.DatasetDeleted, "Deleted."),
+                    **errors(p.ErrorEnvelope, {**_NO_DATASET, **_DATASET_IN_USE}, common=_AUTH),
                 },
                 parameters=[_DATASET],
             ),

@@ -1,6 +1,7 @@
 """CyError -> OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with the status the SDKs map
-to their typed exceptions (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 415 APIStatusError,
-429 RateLimitError, 5xx InternalServerError); request-body decoding that names the offending parameter."""
+to their typed exceptions (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 409 ConflictError,
+415 APIStatusError, 429 RateLimitError, 5xx InternalServerError); request-body decoding that names the offending
+parameter."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ _SHAPES: dict[ErrorCode, tuple[str, str | None]] = {
     ErrorCode.TRAINING_JOB_NOT_FOUND: ("invalid_request_error", "not_found"),
     ErrorCode.DATASET_NOT_FOUND: ("invalid_request_error", "not_found"),
     ErrorCode.TRAINING_JOB_RUNNING: ("invalid_request_error", None),
+    ErrorCode.RESOURCE_IN_USE: ("invalid_request_error", "resource_in_use"),
     ErrorCode.RATE_LIMITED: ("rate_limit_error", "rate_limit_exceeded"),
     ErrorCode.MODEL_NOT_READY: ("server_error", "model_not_ready"),
     ErrorCode.INSUFFICIENT_RESOURCES: ("server_error", "service_unavailable"),

@@ -1,7 +1,8 @@
 """OpenAI's /v1/files for fine-tuning data, on the same object store as /api/v1/datasets (one id for both).
 
 Only `purpose="fine-tune"` is accepted; a file is validated row by row when it is uploaded (chat `messages`
-rows as OpenAI documents them, or Alpaca rows), so a file that is listed is always usable for training.
+rows as OpenAI documents them, or Alpaca rows), so a file that is listed is always usable for training. A file
+that a queued, running or paused job trains from is not deleted (409, `code` `resource_in_use`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from gateway.core import GatewayCore
 from gateway.http_json import json_response
 from gateway.openai.errors import bad_request
 from gateway.uploads import read_upload
+from services.training import holders
 from services.training.dataset_store import DatasetInfo
 
 PURPOSE = "fine-tune"
@@ -85,7 +87,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.delete("/files/<file_id>")
     async def delete_file(file_id: str) -> Response:
-        info = await core.datasets.delete(file_id, field="file_id")
+        info = await holders.delete_dataset(core.training.records, core.datasets, file_id, "file_id")
         return json_response({"id": info.dataset_id, "object": "file", "deleted": True})
 
     @bp.get("/files/<file_id>/content")

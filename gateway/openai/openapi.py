@@ -203,8 +203,16 @@ def _paths() -> dict[str, Any]:
                 "files",
                 "deleteFile",
                 {
-                    "200": json_content(p.FileDeleted, "Deleted (jobs that have not fetched it yet will fail)."),
-                    **errors(p.OpenAIError, _NO_FILE, common=_AUTH),
+                    "200": json_content(p.FileDeleted, "Deleted."),
+                    **errors(
+                        p.OpenAIError,
+                        {
+                            **_NO_FILE,
+                            409: "A queued, running or paused fine-tuning job trains from it (`code` "
+                            "`resource_in_use`; the message names the jobs).",
+                        },
+                        common=_AUTH,
+                    ),
                 },
                 parameters=[_FILE],
             ),

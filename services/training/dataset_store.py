@@ -184,7 +184,8 @@ class DatasetStore:
         return info, bytes(result.data or b"")
 
     async def delete(self, dataset_id: str, *, field: str = "id") -> DatasetInfo:
-        """Raises CyError(DATASET_NOT_FOUND). Jobs that use it and have not fetched it yet will fail."""
+        """Raises CyError(DATASET_NOT_FOUND). Checks no job: the routes delete through `holders.delete_dataset`,
+        which refuses while a queued, running or paused job trains from it."""
         info = await self.info(dataset_id, field=field)
         store = await self.store()
         try:

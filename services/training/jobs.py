@@ -45,7 +45,7 @@ from schemas.training import (
 )
 from services import jetstream
 from services.models.registry import Registry
-from services.training import datasets
+from services.training import datasets, holders
 from services.training.dataset_store import DatasetStore
 from services.training.paths import Roots, confine
 from services.training.records import JobRecords, now_ms
@@ -105,9 +105,9 @@ class JobService:
     # --- verbs ---------------------------------------------------------------------------------
     async def start(self, req: StartTraining) -> TrainingJob:
         """Validate and queue. Raises CyError: MODEL_NOT_FOUND (404), INVALID_REQUEST (400: bad path, bad
-        dataset naming its row and field), DATASET_NOT_FOUND (404: unknown datasetId), TRAINING_JOB_RUNNING
-        (400: an active job already writes this outputDir or trains this adapter), INSUFFICIENT_RESOURCES
-        (503: queue full)."""
+        dataset naming its row and field), DATASET_NOT_FOUND (404: unknown datasetId, or one deleted while the
+        job was being started: the job is then recorded as failed), TRAINING_JOB_RUNNING (400: an active job
+        already writes this outputDir or trains this adapter), INSUFFICIENT_RESOURCES (503: queue full)."""
         model_id = self._resolve_model(req.base_model)
         if bool(req.dataset_path) == bool(req.dataset_id):
             field = "datasetId" if req.dataset_id else "datasetPath"
@@ -169,6 +169,8 @@ class JobService:
             train_rows=rows,
         )
         await self.records.create(job)
+        if req.dataset_id:
+            await self._keep_dataset(job)
         await self.records.event(job, "queued", f"{rows} rows; adapter '{adapter_name}' for model '{model_id}'")
         try:
             await self.records.enqueue(job)
@@ -178,6 +180,17 @@ class JobService:
             raise
         log.info("training_job_queued", job_id=job_id, model_id=model_id, adapter=adapter_name, rows=rows)
         return job
+
+    async def _keep_dataset(self, job: TrainingJob) -> None:
+        """Fail the new job at once when its dataset is being deleted or already gone (the race with a delete:
+        holders.py). Raises CyError(DATASET_NOT_FOUND)."""
+        assert self._claims is not None  # `_claim` opened it
+        try:
+            await holders.wait_dataset_kept(self._claims, self.datasets, job.dataset_id)
+        except CyError as exc:
+            error = exc
+            await self.records.mutate(job.job_id, lambda j: _fail(j, error))
+            raise
 
     def _resolve_model(self, base_model: str) -> str:
         resolved = self.registry.resolve(base_model)

@@ -145,6 +145,51 @@ async def test_a_deleted_or_unknown_dataset_is_a_404(client: httpx.AsyncClient) 
     assert (await client.get("/api/v1/datasets/ds-nope")).status_code == 404
 
 
+async def start_from(client: httpx.AsyncClient, dataset_id: str, **hyper: Any) -> str:
+    body = {"baseModel": "tiny", "outputDir": unique("out"), "datasetId": dataset_id, "hyperParams": hyper}
+    r = await client.post("/api/v1/training/start", json=body)
+    assert r.status_code == 200, r.text
+    job_id: str = r.json()["jobId"]
+    return job_id
+
+
+def in_use_by(r: httpx.Response, dataset_id: str, job_id: str, status: str) -> None:
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "RESOURCE_IN_USE" and job_id in error["message"] and dataset_id in error["message"]
+    description = f"training job {job_id} ({status}) trains from it"
+    assert error["details"] == [{"type": "resource_in_use", "field": "id", "description": description}]
+
+
+async def test_deleting_a_dataset_that_a_queued_or_paused_job_uses_gets_409_until_the_job_is_cancelled(
+    client: httpx.AsyncClient,
+) -> None:
+    dataset_id = (await upload(client, jsonl(teach_rows(2)))).json()["id"]
+    job_id = await start_from(client, dataset_id)  # no trainer runs in this test: the job stays queued
+    try:
+        in_use_by(await client.delete(f"/api/v1/datasets/{dataset_id}"), dataset_id, job_id, "queued")
+        assert (await client.post(f"/api/v1/training/pause/{job_id}")).json()["status"] == "paused"
+        in_use_by(await client.delete(f"/api/v1/datasets/{dataset_id}"), dataset_id, job_id, "paused")
+        assert (await client.get(f"/api/v1/datasets/{dataset_id}")).status_code == 200
+    finally:
+        await client.post(f"/api/v1/training/cancel/{job_id}")
+    r = await client.delete(f"/api/v1/datasets/{dataset_id}")
+    assert r.status_code == 200 and r.json()["deleted"] is True, r.text
+
+
+async def test_deleting_a_dataset_that_a_running_job_trains_from_gets_409_until_the_job_is_cancelled(
+    client: httpx.AsyncClient, nats_server: NatsServer, registry: Registry, tmp_path: Path
+) -> None:
+    dataset_id = (await upload(client, jsonl(varied_rows(16)))).json()["id"]
+    async with running_trainer(nats_server.url, registry, roots_for(tmp_path / "trainer-disk")):
+        job_id = await start_from(client, dataset_id, epochs=1000, batchSize=1, maxSeqLength=64)
+        await wait_status_http(client, job_id, {"running"})
+        in_use_by(await client.delete(f"/api/v1/datasets/{dataset_id}"), dataset_id, job_id, "running")
+        assert (await client.post(f"/api/v1/training/cancel/{job_id}")).json()["status"] == "cancelled"
+        r = await client.delete(f"/api/v1/datasets/{dataset_id}")
+        assert r.status_code == 200, r.text
+
+
 async def test_training_start_refuses_an_unknown_dataset_id_and_both_sources_at_once(
     client: httpx.AsyncClient,
 ) -> None:

@@ -123,3 +123,25 @@ async def test_a_queued_fine_tuning_job_can_be_cancelled(client: AsyncOpenAI) ->
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
     messages = [e.message for e in (await client.fine_tuning.jobs.list_events(job.id)).data]
     assert messages[0].startswith("cancelled"), messages
+
+
+async def test_deleting_a_file_that_a_queued_fine_tuning_job_uses_is_a_409_conflict_until_it_is_cancelled(
+    client: AsyncOpenAI,
+) -> None:
+    uploaded = await client.files.create(file=("a.jsonl", io.BytesIO(jsonl(CHAT_ROWS))), purpose="fine-tune")
+    job = await client.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)  # no trainer running
+    try:
+        with pytest.raises(openai.ConflictError) as conflict:
+            await client.files.delete(uploaded.id)
+        assert conflict.value.status_code == 409 and conflict.value.code == "resource_in_use"
+        error = conflict.value.response.json()["error"]
+        assert job.id in error["message"] and uploaded.id in error["message"]
+        assert error == {
+            "message": error["message"],
+            "type": "invalid_request_error",
+            "param": "file_id",
+            "code": "resource_in_use",
+        }
+    finally:
+        await client.fine_tuning.jobs.cancel(job.id)
+    assert (await client.files.delete(uploaded.id)).deleted
