@@ -86,6 +86,9 @@ class GatewayCore:
     async def _reensure(self) -> None:
         """After a reconnect the server may lack what we use (the memory-backed workers bucket always, the
         rest when its store was lost): re-create it all and reload the workers view."""
+        self.link.restored()
+        if hasattr(self, "inference"):
+            self._tasks.spawn(self.inference.resend_cancels(), name="resend-cancels")
         await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.reload(kv)

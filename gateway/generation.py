@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -49,11 +50,29 @@ def resolve_model(core: GatewayCore, model_id: str, field: str = "modelId") -> s
     return resolved[0]
 
 
-def admit(core: GatewayCore, request: GenerateRequest) -> GenerateRequest:
-    """Refuse early (draining gateway, no ready worker) and stamp the queue deadline."""
+async def admit(core: GatewayCore, request: GenerateRequest) -> GenerateRequest:
+    """Refuse early (draining gateway, no ready worker) and stamp the queue deadline.
+
+    Across a NATS outage a request waits instead of failing: up to `nats_wait` s for the link to come back,
+    and, while the link was down within that time, for the workers' heartbeats to show the model ready again.
+    Raises CyError (503) when that time runs out."""
     if core.draining:
         raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the gateway is shutting down", retryable=True, retry_after=5)
-    core.inference.check_ready(request.model_id)
+    wait = core.settings.nats_wait
+    until = time.monotonic() + wait
+    if not core.link.up and not await core.link.wait_up(wait):
+        raise CyError(
+            ErrorCode.INSUFFICIENT_RESOURCES, f"NATS is unreachable (waited {wait:g}s)", retryable=True, retry_after=2
+        )
+    while True:
+        try:
+            core.inference.check_ready(request.model_id)
+            break
+        except CyError:
+            recovering = time.monotonic() - core.link.dropped_at < wait + 5
+            if not recovering or time.monotonic() >= until:
+                raise
+            await asyncio.sleep(0.05)
     request.deadline_ms = int((time.time() + core.settings.queue_timeout) * 1000)
     return request
 
@@ -102,7 +121,7 @@ class Outcome:
 
 async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome) -> Outcome:
     """Run a request to its end. Raises CyError on any failure."""
-    async with core.inference.open(admit(core, request)) as stream, core.in_flight():
+    async with core.inference.open(await admit(core, request)) as stream, core.in_flight():
         while not stream.finished:
             reply = await stream.next()
             if reply is not None:
@@ -112,5 +131,5 @@ async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome
 
 @contextlib.asynccontextmanager
 async def streaming(core: GatewayCore, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
-    async with core.inference.open(admit(core, request)) as stream, core.in_flight():
+    async with core.inference.open(await admit(core, request)) as stream, core.in_flight():
         yield stream

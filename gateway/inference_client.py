@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,8 @@ from services.runtime import raise_if_cancelled, shielded
 log = structlog.get_logger()
 
 _QUEUE_FULL = 10077  # JetStream: maximum messages exceeded (discard=new)
+# Seconds between re-sends, after a reconnect, of the cancels sent while NATS was down.
+ORPHAN_CANCEL_RESENDS_S = (0.5, 1.0, 2.0)
 
 
 class _WorkerLost(Exception):
@@ -37,13 +40,33 @@ class _HintedWorkerGone(Exception):
 class LinkWatch:
     """Counts the drops of one NATS connection. Replies are core-NATS messages: any that a worker published
     while we were disconnected are gone, so a stream that was open across a drop cannot be trusted to be
-    complete."""
+    complete. Also tells new requests when the link is back (they wait for it rather than fail)."""
 
     def __init__(self) -> None:
         self.drops = 0
+        self.dropped_at = float("-inf")  # monotonic time of the last drop
+        self._up = asyncio.Event()
+        self._up.set()
 
     def dropped(self) -> None:
         self.drops += 1
+        self.dropped_at = time.monotonic()
+        self._up.clear()
+
+    def restored(self) -> None:
+        self._up.set()
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the link; False if it is still down."""
+        try:
+            await asyncio.wait_for(self._up.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class Queued(msgspec.Struct, frozen=True):
@@ -89,6 +112,7 @@ class ReplyStream:
         self._retries = retries
         self.worker_id = ""
         self.finished = False
+        self.ended = False  # the worker sent its end or error: nothing runs there any more
         self.started = self._queued_at = time.monotonic()
 
     async def next(self, wait: float = float("inf")) -> Reply | None:
@@ -135,6 +159,11 @@ class ReplyStream:
             log.warning("hinted_worker_gone_rerouted", worker_hint=self.request.worker_hint, subject=moved.subject)
             self.queued = moved
 
+    @property
+    def crossed_outage(self) -> bool:
+        """The NATS link dropped while this stream was open (or is down now)."""
+        return self._link.drops != self._drops or not self._link.up
+
     def _accept(self, reply: Reply) -> Reply:
         self.replied = True
         match reply:
@@ -150,7 +179,7 @@ class ReplyStream:
                     )
                 self._next_index += 1
             case StreamEnd() | StreamError():
-                self.finished = True
+                self.finished = self.ended = True
         return reply
 
     def _check_deadlines(self, now: float) -> None:
@@ -203,6 +232,18 @@ class InferenceClient:
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
         self.link = link or LinkWatch()
+        self._orphans: dict[str, float] = {}  # trace id -> when its cancel was sent across an outage
+
+    async def resend_cancels(self) -> None:
+        """After a reconnect, the cancels of generations orphaned by the outage, again: the client's reconnect
+        buffer may reach the server before the workers have subscribed again (a cancel nobody hears)."""
+        for delay in ORPHAN_CANCEL_RESENDS_S:
+            await asyncio.sleep(delay)
+            cutoff = time.monotonic() - 120
+            self._orphans = {t: at for t, at in self._orphans.items() if at > cutoff}
+            for trace_id in list(self._orphans):
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(subjects.cancel_subject(trace_id), b"")
 
     def check_ready(self, model_id: str) -> None:
         """Fail fast when nobody can serve the model. Raises CyError (503)."""
@@ -248,7 +289,11 @@ class InferenceClient:
             await shielded(self._leave(stream, sub))
 
     async def _leave(self, stream: ReplyStream, sub: Subscription) -> None:
-        if not stream.finished:
+        # Unless the worker ended it, a generation may still run for nobody (client gone, deadline, a NATS
+        # outage mid-stream): cancel it. While NATS is down the cancel waits in the client's reconnect buffer.
+        if not stream.ended:
+            if stream.crossed_outage:  # the worker may not be subscribed again yet: repeat after the reconnect
+                self._orphans[stream.request.trace_id] = time.monotonic()
             with contextlib.suppress(Exception):
                 await self.nc.publish(subjects.cancel_subject(stream.request.trace_id), b"")
         if stream.queued is not None and not stream.replied:

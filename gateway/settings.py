@@ -20,6 +20,8 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     gateway_api_token: str = ""
     # Seconds a request may wait in the queue for a worker before 503.
     queue_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # Seconds a request that arrives during a NATS outage waits for the link (and the workers) to come back.
+    nats_wait: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     # Hard limit on one request end to end.
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000

@@ -139,3 +139,37 @@ async def test_every_stream_bucket_and_consumer_is_recreated_when_nats_comes_bac
             await nc.close()
     finally:
         server.stop()
+
+
+async def test_a_request_sent_during_a_nats_outage_waits_for_it_and_an_orphaned_generation_is_cancelled(
+    tmp_path: Path, registry: Registry
+) -> None:
+    import structlog
+
+    server = NatsServer(tmp_path).start()
+    try:
+        async with (
+            running_paced_worker(server.url, registry, "tiny-solo", 0.05, worker_id="outage-1", slots=4) as worker,
+            running_gateway(server.url, registry) as gw,
+        ):
+            await wait_until(lambda: gw.core.workers.model_state("tiny-solo") == "ready")
+            long_body = {"modelId": "tiny-solo", "prompt": "a long story", "generation": {"maxNewTokens": 400}}
+            short_body = {"modelId": "tiny-solo", "prompt": "hi", "generation": {"maxNewTokens": 3}}
+            with structlog.testing.capture_logs() as logs:
+                async with gw.client() as client:
+                    async with client.stream("POST", "/api/v1/inference/stream", json=long_body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: ") and server.proc is not None:
+                                server.kill()  # mid-stream: this stream's client is told, its generation orphaned
+                                await wait_until(lambda: not gw.core.link.up, timeout=5)
+                                arriving = asyncio.create_task(client.post("/api/v1/inference", json=short_body))
+                                await asyncio.sleep(1.5)
+                                server.start()
+                    answer = await arriving
+                assert answer.status_code == 200, answer.text  # waited for NATS instead of a 503
+                # 400 tokens at 50 ms take 20 s: the orphan is cancelled long before.
+                await wait_until(lambda: not worker._active, timeout=8)
+            outcomes = [e["outcome"] for e in logs if e["event"] == "generation"]
+            assert "cancelled" in outcomes, outcomes  # the orphan (the short request ends "length")
+    finally:
+        server.stop()
