@@ -48,3 +48,8 @@ model:
 [group("run")]
 cluster:
     {{python}} -m infra.cluster
+
+[doc("Fault suite against a stack of its own (2 workers): load through both APIs and NATS, faults injected, one table")]
+[group("test")]
+chaos *args:
+    {{python}} -m infra.chaos "$@"
