@@ -9,8 +9,9 @@ LoRA adapters: OpenVINO's continuous-batching pipeline silently ignores a per-re
 the base model), so requests that name an adapter are served by a transformers + peft engine inside this one
 (loaded when the first adapter is registered; adapters trained later arrive without a restart). Base
 requests never touch it and adapter requests never touch the pipeline: nothing can leak between them.
-Requests that ask for log probabilities go there too: the pipeline returns at most the chosen token's
-logprob (of its sampling distribution), no alternatives.
+Requests that ask for alternatives (`top_logprobs` > 0) go there too: the pipeline returns only the chosen
+token's logprob. That one it does compute, and it is the raw log-softmax (measured against transformers: equal
+to 1e-3 in the exact mode, with or without temperature), so plain `logprobs` stay on the pipeline.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import structlog
 
 from schemas.errors import CyError, ErrorCode
-from schemas.inference import GenerationParams
+from schemas.inference import GenerationParams, TokenLogprob
 from services.engine import grammar
 from services.engine import openvino_process as proc
 from services.engine.base import Engine, EngineDown, StepInbox, TokenStep
@@ -214,7 +215,7 @@ class OpenVinoEngine(Engine):
             async for step in self._lora.generate(prompt_ids, params, adapter):
                 yield step
             return
-        if params.logprobs:
+        if params.logprobs and params.top_logprobs > 0:  # alternatives: the pipeline computes none
             async for step in (await self._transformers()).generate(prompt_ids, params, ""):
                 yield step
             return
@@ -244,6 +245,7 @@ class OpenVinoEngine(Engine):
             # An unseeded request still needs its own draw: OpenVINO's default seed is the same for all.
             seed=params.seed if params.seed is not None else secrets.randbits(32),
             json_schema=params.json_schema,
+            logprobs=params.logprobs,
         )
         with self._lock:
             self._requests[request.request_id] = request
@@ -310,7 +312,12 @@ class OpenVinoEngine(Engine):
                     )
                 )
             else:
-                request.emit(TokenStep(item.token_ids, item.finish or None))  # type: ignore[arg-type]
+                logprobs = (
+                    [TokenLogprob(token_id=t, logprob=lp) for t, lp in zip(item.token_ids, item.logprobs, strict=False)]
+                    if item.logprobs
+                    else None
+                )
+                request.emit(TokenStep(item.token_ids, item.finish or None, logprobs))  # type: ignore[arg-type]
 
     def _fail(self, request_ids: list[int], error: CyError) -> None:
         with self._lock:

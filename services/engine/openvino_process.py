@@ -34,6 +34,7 @@ class Add(msgspec.Struct, tag=True):
     frequency_penalty: float
     seed: int
     json_schema: str = ""  # constrained decoding (OpenVINO GenAI's built-in xgrammar backend); "" = none
+    logprobs: bool = False  # the chosen tokens' log probabilities (the pipeline computes no alternatives)
 
 
 class Cancel(msgspec.Struct, tag=True):
@@ -61,6 +62,7 @@ class Output(msgspec.Struct, array_like=True):
     token_ids: list[int]
     # "" while running; "stop" / "length" when it ended; "ignored" when the prompt cannot fit the KV cache.
     finish: Literal["", "stop", "length", "ignored"] = ""
+    logprobs: list[float] = []  # one per token id, when the request asked for them
 
 
 class Outputs(msgspec.Struct, tag=True):
@@ -146,6 +148,8 @@ def generation_config(add: Add) -> Any:
     config.repetition_penalty = add.repetition_penalty
     config.presence_penalty = add.presence_penalty
     config.frequency_penalty = add.frequency_penalty
+    if add.logprobs:
+        config.logprobs = 1  # the chosen token's (the only one this release returns)
     if add.json_schema:  # checked by the worker first (grammar.check_schema): a bad one fails the whole step
         config.structured_output_config = ov_genai.StructuredOutputConfig(json_schema=add.json_schema)
     if add.temperature == 0:
@@ -273,10 +277,13 @@ class _Loop:
         for request_id, entry in list(self.active.items()):
             handle = entry.handle
             tokens: list[int] = []
+            logprobs: list[float] = []
             finish = ""
             if handle.can_read():
                 for output in handle.read().values():
                     tokens.extend(output.generated_ids)
+                    if entry.add.logprobs:
+                        logprobs.extend(output.generated_log_probs)
                     if output.finish_reason == self.reasons.LENGTH:
                         finish = "length"
                     elif output.finish_reason != self.reasons.NONE:
@@ -292,7 +299,7 @@ class _Loop:
                 if state == self.status.RUNNING:
                     handle.cancel()
             if tokens or finish:
-                out.append(Output(request_id, tokens, finish))  # type: ignore[arg-type]
+                out.append(Output(request_id, tokens, finish, logprobs))  # type: ignore[arg-type]
         return out
 
     def _send(self, event: Event) -> None:

@@ -43,3 +43,22 @@ def reference_greedy(request: GenerateRequest, *, adapter_path: Path | None) -> 
         else:
             out = model.generate(prompt, max_new_tokens=request.generation.max_new_tokens, do_sample=False)
     return str(tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True))
+
+
+def reference_logprobs(request: GenerateRequest, token_ids: list[int]) -> list[float]:
+    """The raw log-softmax (fp32 transformers) of each of `token_ids` generated after `request`'s prompt."""
+    import torch
+
+    tokenizer, model = _base()
+    assert request.messages is not None
+    ids = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in request.messages],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    prompt = list(ids)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + token_ids])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return [logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(token_ids)]
