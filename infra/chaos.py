@@ -2,7 +2,7 @@
 with the threads split, the gateway), drives a mixed load through both HTTP APIs and as a direct NATS
 publisher, injects one fault per scenario, and prints one table:
 
-    scenario | requests | completed | failed cleanly | lost/hung | recovery s | leaked
+    scenario | requests | completed | failed cleanly | lost/hung | recovery s | leaked | jobs lost
 
 - completed: 200 with a finish reason / a StreamEnd; failed cleanly: an error status in the API's envelope, an
   SSE error event, a StreamError, or a refused connection (a gateway that is down); lost/hung: no answer within
@@ -12,9 +12,9 @@ publisher, injects one fault per scenario, and prints one table:
 
 Exits 1 on any lost/hung request or leak. Scenarios: baseline; clients that leave 0-20 ms after sending; a
 publisher flooding a model nobody serves; kill -9 of a worker; kill -9 of a worker's engine process; kill -9 of
-nats-server (restarted after 1 s); SIGTERM of the gateway (restarted once it has drained). Not yet: the
-trainer's kill -9 and a node of `just cluster` (tests/trainer/test_kill.py and tests/test_cluster.py cover
-them in `just test`).
+nats-server (restarted after 1 s); SIGTERM of the gateway (restarted once it has drained); kill -9 of the trainer
+mid-job (another trainer started, as a supervisor would: the job must resume and complete, else "jobs lost").
+Not yet: a node of `just cluster` (tests/test_cluster.py covers it in `just test`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from services.runtime import role_password
 REQUEST_TIMEOUT_S = 60.0
 PUBLISHER = "chaos"
 WORKERS = ("worker-1", "worker-2")
+TRAINERS = ("trainer-1", "trainer-2")
 MAX_TOKENS = 24
 
 
@@ -59,6 +60,7 @@ class Tally:
     lost: int = 0
     recovery_s: float | None = None
     leaked: int = 0
+    jobs_lost: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, outcome: str, detail: str = "") -> None:
@@ -77,6 +79,7 @@ class ChaosStack:
         self.nats_port, self.http_port, self.lite_port = free_port(), free_port(), free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.password = ""
+        self.job_id = ""  # the training job a scenario started, if any
 
     @property
     def nats_url(self) -> str:
@@ -106,8 +109,17 @@ class ChaosStack:
             self.start_nats()
             return
         if name == "gateway":
-            env = self._env(CY_LLM_PORT=str(self.http_port), CY_LLM_LITE_PORT=str(self.lite_port))
+            env = self._env(
+                CY_LLM_PORT=str(self.http_port),
+                CY_LLM_LITE_PORT=str(self.lite_port),
+                CY_LLM_DATASETS_DIR=str(self.root / "datasets"),
+                CY_LLM_OUTPUTS_DIR=str(self.root / "outputs"),
+            )
             module = "gateway"
+        elif name.startswith("trainer"):
+            env = self._env(CY_LLM_TRAINER_ID=name, CY_LLM_DATASETS_DIR=str(self.root / "datasets"))
+            env["CY_LLM_OUTPUTS_DIR"] = str(self.root / "outputs")
+            module = "services.trainer"
         else:
             env = self._env(
                 CY_LLM_WORKER_ID=name, CY_LLM_ENGINE="cpu-openvino", CY_LLM_ENGINE_THREADS=str(self.threads)
@@ -121,14 +133,14 @@ class ChaosStack:
     def boot(self) -> None:
         (self.root / "data").mkdir(parents=True, mode=0o700, exist_ok=True)
         self.password = mint_publisher(self.root / "data", PUBLISHER, self.token)
-        for name in ("nats", *WORKERS, "gateway"):
+        for name in ("nats", *WORKERS, "trainer-1", "gateway"):
             self.start(name)
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
 
     def stop(self) -> None:
-        for name in ("gateway", *WORKERS, "nats"):
+        for name in ("gateway", *WORKERS, *TRAINERS, "nats"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 stop_child(proc, signal.SIGTERM)
@@ -315,14 +327,15 @@ async def _quiet(exc: Exception) -> None:
 
 
 # --- faults ------------------------------------------------------------------------------------------------
-Fault = Callable[[ChaosStack], Awaitable[None]]
+# A fault returns the monotonic time it struck when that is not its call (it waited for a moment first).
+Fault = Callable[[ChaosStack], Awaitable[float | None]]
 
 
-async def no_fault(stack: ChaosStack) -> None:
+async def no_fault(stack: ChaosStack) -> float | None:
     return None
 
 
-async def early_disconnects(stack: ChaosStack) -> None:
+async def early_disconnects(stack: ChaosStack) -> float | None:
     body = json.dumps({"modelId": "default", "prompt": "go on", "generation": {"maxNewTokens": 200}}).encode()
     for path in ("/api/v1/inference/stream", "/api/v1/inference"):
         for delay_ms in range(0, 21, 2):
@@ -334,9 +347,10 @@ async def early_disconnects(stack: ChaosStack) -> None:
             await writer.drain()
             await asyncio.sleep(delay_ms / 1000)
             writer.close()
+    return None
 
 
-async def publisher_flood(stack: ChaosStack) -> None:
+async def publisher_flood(stack: ChaosStack) -> float | None:
     nc = await nats.connect(
         stack.nats_url,
         user=PUBLISHER,
@@ -353,30 +367,85 @@ async def publisher_flood(stack: ChaosStack) -> None:
                 pass
     finally:
         await nc.close()
+    return None
 
 
-async def kill_worker(stack: ChaosStack) -> None:
+async def kill_worker(stack: ChaosStack) -> float | None:
     stack.kill("worker-1")
+    return None
 
 
-async def kill_engine_child(stack: ChaosStack) -> None:
+async def kill_engine_child(stack: ChaosStack) -> float | None:
     children = descendants(stack.procs["worker-1"].pid)
     if not children:
         raise RuntimeError("worker-1 has no engine process")
     children[0].kill()
+    return None
 
 
-async def kill_nats(stack: ChaosStack) -> None:
+async def kill_nats(stack: ChaosStack) -> float | None:
     stack.kill("nats")
     stack.procs["nats"].wait(10)
     await asyncio.sleep(1.0)
     stack.start("nats")
+    return None
 
 
-async def sigterm_gateway(stack: ChaosStack) -> None:
+async def sigterm_gateway(stack: ChaosStack) -> float | None:
     stack.kill("gateway", signal.SIGTERM)
     await asyncio.to_thread(stack.procs["gateway"].wait, 60)
     stack.start("gateway")
+    return None
+
+
+async def kill_trainer_mid_job(stack: ChaosStack) -> float | None:
+    """Start a small LoRA job, SIGKILL its trainer once it has trained a step, start another trainer (as a
+    supervisor would); the job must resume from its checkpoint and complete. Sets `stack.job_lost`."""
+    rows = [{"instruction": f"Count to {i}.", "output": " ".join(str(k) for k in range(1, i + 2))} for i in range(24)]
+    api = f"http://127.0.0.1:{stack.http_port}/api/v1"
+    async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": stack.api_key}) as http:
+        data = "\n".join(json.dumps(r) for r in rows).encode()
+        upload = await http.post(
+            f"{api}/datasets?name=count.jsonl", content=data, headers={"Content-Type": "application/jsonl"}
+        )
+        upload.raise_for_status()
+        hyper = {"epochs": 1, "batchSize": 2, "maxSeqLength": 64, "saveSteps": 2, "evalSteps": 100, "loraRank": 4}
+        started = await http.post(
+            f"{api}/training/start",
+            json={
+                "baseModel": "default",
+                "outputDir": f"chaos-{uuid.uuid4().hex[:8]}",
+                "datasetId": upload.json()["id"],
+                "hyperParams": hyper,
+            },
+        )
+        started.raise_for_status()
+        job = started.json()["jobId"]
+        stack.job_id = job
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            status = (await http.get(f"{api}/training/status/{job}")).json()
+            if status["status"] == "running" and (status.get("progress") or {}).get("currentStep", 0) >= 3:
+                break
+            await asyncio.sleep(0.5)
+    struck = time.monotonic()
+    stack.kill("trainer-1")
+    stack.procs["trainer-1"].wait(10)
+    stack.start("trainer-2")
+    return struck
+
+
+async def job_outcome(stack: ChaosStack, timeout: float = 600) -> bool:
+    """Whether the scenario's training job completed."""
+    api = f"http://127.0.0.1:{stack.http_port}/api/v1"
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=30, headers={"X-API-Key": stack.api_key}) as http:
+        while time.monotonic() < deadline:
+            status = (await http.get(f"{api}/training/status/{stack.job_id}")).json()["status"]
+            if status in ("completed", "failed", "cancelled"):
+                return status == "completed"
+            await asyncio.sleep(1.0)
+    return False
 
 
 SCENARIOS: list[tuple[str, Fault]] = [
@@ -387,6 +456,7 @@ SCENARIOS: list[tuple[str, Fault]] = [
     ("kill -9 a worker's engine process", kill_engine_child),
     ("kill -9 nats-server (back after 1 s)", kill_nats),
     ("SIGTERM the gateway (restarted)", sigterm_gateway),
+    ("kill -9 the trainer mid-job (another takes over)", kill_trainer_mid_job),
 ]
 
 
@@ -396,13 +466,16 @@ async def run_scenario(stack: ChaosStack, name: str, fault: Fault, seconds: floa
     runner = asyncio.create_task(load.run())
     await asyncio.sleep(seconds / 3)
     faulted = time.monotonic()
-    await fault(stack)
+    faulted = await fault(stack) or faulted
     tally.recovery_s = await probe_until_ok(stack, faulted) if fault is not no_fault else 0.0
     await asyncio.sleep(seconds * 2 / 3)
     load.stopping = True
     await runner
     await asyncio.sleep(1.0)  # cancels and cleanups settle
     tally.leaked = max(await open_requests(stack), 0)
+    if stack.job_id:
+        tally.jobs_lost = 0 if await job_outcome(stack) else 1
+        stack.job_id = ""
     if name.startswith("kill -9 one of two workers"):
         stack.start("worker-1")
     await wait_ready(stack)
@@ -410,11 +483,13 @@ async def run_scenario(stack: ChaosStack, name: str, fault: Fault, seconds: floa
 
 
 def render(tallies: list[Tally]) -> str:
-    rows = ["| scenario | requests | completed | failed cleanly | lost/hung | recovery s | leaked |", "|---" * 7 + "|"]
+    header = "| scenario | requests | completed | failed cleanly | lost/hung | recovery s | leaked | jobs lost |"
+    rows = [header, "|---" * 8 + "|"]
     for t in tallies:
         recovery = "-" if t.recovery_s is None else f"{t.recovery_s:.1f}"
         rows.append(
-            f"| {t.scenario} | {t.requests} | {t.completed} | {t.failed} | {t.lost} | {recovery} | {t.leaked} |"
+            f"| {t.scenario} | {t.requests} | {t.completed} | {t.failed} | {t.lost} | {recovery} | {t.leaked}"
+            f" | {t.jobs_lost} |"
         )
     notes = [
         f"- {t.scenario}: " + ", ".join(f"{k} x{v}" for k, v in sorted(t.errors.items())) for t in tallies if t.errors
@@ -438,7 +513,7 @@ async def main_async(args: argparse.Namespace) -> int:
         stack.stop()
     print(render(tallies))
     print(f"\n(logs: {root})")
-    bad = any(t.lost or t.leaked or t.recovery_s is None for t in tallies)
+    bad = any(t.lost or t.leaked or t.jobs_lost or t.recovery_s is None for t in tallies)
     return 1 if bad else 0
 
 
