@@ -109,6 +109,10 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Set by workers: how many times a worker whose engine went down before any text handed this request back
     # to the queue (another worker then sends its own `accepted`). Publishers leave it 0.
     handbacks: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Text already generated for this request by a worker that died mid-stream: the worker appends it to the
+    # prompt (after the chat template's assistant turn opener) and generates what follows, within what is left
+    # of `max_new_tokens`. Set by the gateway when it migrates a stream; a publisher may do the same.
+    continuation: str = ""
 
     def log_context(self) -> dict[str, str | None]:
         """What every log line about this request carries (bound as structlog contextvars by the gateway's

@@ -529,6 +529,12 @@ class Worker:
                 )
             adapter = named
         prompt_ids = self.engine.encode(req)
+        if req.continuation:  # a migrated stream: go on after the text its client already has
+            prompt_ids = prompt_ids + list(
+                self.engine.tokenizer(req.continuation, add_special_tokens=False)["input_ids"]
+            )
+            if len(prompt_ids) >= self.engine.max_model_len:
+                raise CyError(ErrorCode.INVALID_REQUEST, "the continued stream fills the model's context")
         stats["prompt_tokens"] = len(prompt_ids)
         await self._publish(
             trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id, prompt_tokens=len(prompt_ids))
