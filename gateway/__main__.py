@@ -25,10 +25,16 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     await core.start()
     apps = [(create_api_app(core), settings.port), (create_lite_app(core), settings.lite_port)]
 
-    async def shutdown_trigger() -> None:
+    async def drain_on_stop() -> None:
         await stop.wait()
         log.info("gateway_draining", open_requests=core.open_requests)
         await core.drain(settings.drain_timeout)
+
+    # One drain for both servers: each awaits it as its shutdown trigger, then closes its connections.
+    drained = asyncio.create_task(drain_on_stop(), name="drain")
+
+    async def shutdown_trigger() -> None:
+        await asyncio.shield(drained)
 
     log.info(
         "gateway_listening",
@@ -47,7 +53,10 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             )
         )
     finally:
+        drained.cancel()
+        await asyncio.gather(drained, return_exceptions=True)
         await core.close()
+        log.info("gateway_stopped")
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -20,6 +21,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
+from schemas.errors import CyError, ErrorCode
 from services import jetstream
 from services.models.registry import Registry, load_registry
 from services.runtime import Tasks, close_nats, connect_nats
@@ -32,6 +34,8 @@ log = structlog.get_logger()
 
 # How often a gateway looks for requests queued for a hinted worker that is gone.
 HINT_SWEEP_INTERVAL_S = 5.0
+# Seconds the requests a drain ends get to send their error and cancel their generations.
+ENDING_GRACE_S = 2.0
 
 
 class GatewayCore:
@@ -44,6 +48,10 @@ class GatewayCore:
         self.open_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Tasks inside `in_flight` and `watching` (how many times each), and those a drain is ending.
+        self._open: dict[asyncio.Task[Any], int] = {}
+        self._watchers: dict[asyncio.Task[Any], int] = {}
+        self._ending: set[asyncio.Task[Any]] = set()
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_concurrent)
         self.link = LinkWatch()
         self._tasks = Tasks()
@@ -124,22 +132,86 @@ class GatewayCore:
 
     @contextlib.asynccontextmanager
     async def in_flight(self) -> AsyncIterator[None]:
+        """Count an open request (its stream to a worker) while the block runs, in the task that serves it.
+        Raises CyError (INSUFFICIENT_RESOURCES, retryable) in the block when a drain ends it (`drain`)."""
         self.open_requests += 1
         self._idle.clear()
         try:
-            yield
+            with self._registered(self._open), self.ended_by_drain():
+                yield
         finally:
             self.open_requests -= 1
             if self.open_requests == 0:
                 self._idle.set()
 
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        """A response that only watches (a training job's events, followed until the job ends): nothing to
+        finish, so a drain ends it at once. Raises CyError (INSUFFICIENT_RESOURCES, retryable) in the block
+        then, or at entry on a draining gateway; the client resumes elsewhere (`Last-Event-ID`)."""
+        if self.draining:
+            raise _shutting_down()
+        with self._registered(self._watchers), self.ended_by_drain():
+            yield
+
+    @contextlib.contextmanager
+    def ended_by_drain(self) -> Iterator[None]:
+        """In the block, a drain's cancel of this task (one that `in_flight` or `watching` registered) arrives
+        as CyError (INSUFFICIENT_RESOURCES, retryable), as asyncio.timeout() turns its own cancel into
+        TimeoutError; any other cancel (the client left) stays a cancel. For code of the task that waits on a
+        stream outside the `in_flight` block (the OpenAI choices read their streams through a queue)."""
+        task = asyncio.current_task()
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task is not None and task in self._ending:
+                self._ending.discard(task)
+                if task.uncancel() == 0:
+                    raise _shutting_down() from None
+            raise
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _registered(registry: dict[asyncio.Task[Any], int]) -> Iterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        registry[task] = registry.get(task, 0) + 1
+        try:
+            yield
+        finally:
+            registry[task] -= 1
+            if not registry[task]:
+                del registry[task]
+
+    def _end(self, registry: dict[asyncio.Task[Any], int]) -> None:
+        for task in registry:
+            if task not in self._ending:
+                self._ending.add(task)
+                task.cancel()
+
     async def drain(self, timeout: float) -> None:
-        """Refuse new work (503) and wait up to `timeout` s for open requests to finish."""
+        """Refuse new work (503), end the watching responses (`watching`), and wait up to `timeout` s for open
+        requests to finish; then end those still open with a retryable INSUFFICIENT_RESOURCES error (an error
+        event in a stream) and give them ENDING_GRACE_S to send it and cancel their generations.
+
+        Ending them here, instead of leaving them to the HTTP server's graceful timeout, keeps the shutdown
+        within `timeout` and gives each client an error it can retry on, not a cut connection (hypercorn
+        cancels the connections it waited for, and Python 3.11's asyncio prints a CancelledError traceback
+        for each: see services/runtime.py `run`)."""
         self.draining = True
+        self._end(self._watchers)
+        if await self._wait_idle(timeout):
+            return
+        log.warning("gateway_drain_timeout", open_requests=self.open_requests, drain_timeout=timeout)
+        self._end(self._open)
+        await self._wait_idle(ENDING_GRACE_S)
+
+    async def _wait_idle(self, timeout: float) -> bool:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            pass
+            return False
+        return True
 
     def serving_state(self, model_id: str) -> str:
         """Whether this gateway can serve `model_id` now: the model's state among the live workers
@@ -176,3 +248,12 @@ class GatewayCore:
         started = time.perf_counter()
         await self.nc.flush(timeout=2)
         return (time.perf_counter() - started) * 1000
+
+
+def _shutting_down() -> CyError:
+    return CyError(
+        ErrorCode.INSUFFICIENT_RESOURCES,
+        "the gateway is shutting down; retry on another gateway",
+        retryable=True,
+        retry_after=5,
+    )

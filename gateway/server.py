@@ -38,7 +38,9 @@ def hypercorn_config(host: str, port: int) -> HypercornConfig:
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = None
-    config.graceful_timeout = 30
+    # After the shutdown trigger: the gateway has drained by then (CY_LLM_DRAIN_TIMEOUT, then it ends what is
+    # still open: GatewayCore.drain), so this only lets the last error events and closes go out.
+    config.graceful_timeout = 5
     config.keep_alive_timeout = 75
     config.h11_max_incomplete_size = MAX_HEAD_BYTES
     return config

@@ -253,12 +253,28 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def _quiet_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: a connection task that a server cancelled is one log line, not a traceback.
+
+    Python 3.11.7's asyncio.streams calls `task.exception()` on the task of a closed connection without
+    checking `task.cancelled()` first (CPython gh-113538, fixed by checking it), so every connection that a
+    server cancels at shutdown (hypercorn does, for those still open after its graceful timeout) printed a
+    CancelledError traceback. Everything else goes to the default handler."""
+    if isinstance(context.get("exception"), asyncio.CancelledError) and "StreamReaderProtocol" in str(
+        context.get("message", "")
+    ):
+        structlog.get_logger().info("connection_cancelled_at_shutdown")
+        return
+    loop.default_exception_handler(context)
+
+
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run `main(stop)` until it returns; SIGINT/SIGTERM set `stop` so it can drain and exit cleanly."""
 
     async def _runner() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
+        asyncio.get_running_loop().set_exception_handler(_quiet_cancelled_connections)
         await main(stop)
 
     asyncio.run(_runner())

@@ -197,6 +197,14 @@ async def announce_ghost_worker(
 ) -> None:
     """Put a worker in the workers bucket that serves `model_id` and stays alive for `alive_s` but never pulls,
     and wait until the gateway sees the model in `status`: when ready, requests for it then wait in the queue."""
+    await put_ghost_worker(gw.core.js, worker_id, model_id, alive_s, status)
+    await wait_until(lambda: gw.core.workers.model_state(model_id) == status)
+
+
+async def put_ghost_worker(
+    js: Any, worker_id: str, model_id: str = "unserved", alive_s: int = 60, status: ModelStatus = "ready"
+) -> None:
+    """`announce_ghost_worker` for any gateway (a process too): the announcement only, nobody waits for it."""
     ghost = WorkerInfo(
         worker_id=worker_id,
         engine="transformers",
@@ -206,9 +214,8 @@ async def announce_ghost_worker(
         heartbeat_interval=alive_s // 2,
         models=[ServedModel(model_id=model_id, status=status, engine="transformers")],
     )
-    kv = await gw.core.js.key_value(subjects.WORKERS_BUCKET)
+    kv = await js.key_value(subjects.WORKERS_BUCKET)
     await kv.put(subjects.worker_key(worker_id), codec.encode(ghost))
-    await wait_until(lambda: gw.core.workers.model_state(model_id) == status)
 
 
 async def _wait_port(port: int) -> None:
@@ -281,6 +288,55 @@ class WorkerProcess:
                 pass
             await asyncio.sleep(0.2)
         raise TimeoutError("worker never became ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+class GatewayProcess:
+    """`python -m gateway` as a real OS process (SIGTERM/SIGINT tests), on free ports; stderr goes to a file."""
+
+    def __init__(self, nats_url: str, registry_file: Path, log: Path, **env: str) -> None:
+        import os
+        import sys
+
+        self.port, self.lite_port = free_port(), free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}"
+        self.lite_url = f"http://127.0.0.1:{self.lite_port}/v1"
+        self.log = log
+        full_env = dict(
+            os.environ,
+            CY_LLM_NATS_URL=nats_url,
+            CY_LLM_MODELS_FILE=str(registry_file),
+            CY_LLM_API_KEY=API_KEY,
+            CY_LLM_PORT=str(self.port),
+            CY_LLM_LITE_PORT=str(self.lite_port),
+            **env,
+        )
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway"], env=full_env, stdout=subprocess.DEVNULL, stderr=err
+            )
+
+    async def wait_listening(self, timeout: float = 60) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        for port in (self.port, self.lite_port):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited: {self.stderr()[-2000:]}")
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                except OSError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise TimeoutError(f"gateway never listened on {port}") from None
+                    await asyncio.sleep(0.05)
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -18,10 +18,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from quart import Blueprint, Response, request
 
 from gateway.api_v1 import protocol as p
-from gateway.api_v1.errors import decode_body
+from gateway.api_v1.errors import decode_body, envelope
 from gateway.core import GatewayCore
 from gateway.http_json import json_body, json_response
-from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_response
+from gateway.sse import SSE_DONE, SSE_KEEPALIVE, sse_event, sse_response
 from schemas import subjects
 from schemas.errors import CyError, invalid
 from schemas.training import (
@@ -226,7 +226,8 @@ async def _events(
     core: GatewayCore, svc: JobService, job: TrainingJob, *, follow: bool, after: int
 ) -> AsyncIterator[bytes]:
     """Replay the job's stored events (after stream sequence `after`), then, with `follow`, stream new
-    ones until the job finishes. Each SSE event carries its stream sequence as `id:`."""
+    ones until the job finishes. Each SSE event carries its stream sequence as `id:`. A gateway that shuts
+    down ends the stream at once with a retryable error event (resume elsewhere with `Last-Event-ID`)."""
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if after:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
@@ -238,27 +239,31 @@ async def _events(
         config=config,
     )
     try:
-        pending = ((await sub.consumer_info()).num_pending or 0) + sub.delivered
-        if not follow and pending == 0:
-            yield SSE_DONE
-            return
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=core.settings.keepalive_interval)
-            except (TimeoutError, NatsTimeoutError):
-                if follow and (await svc.get(job.job_id)).status in FINISHED:
-                    follow = False  # finished without a terminal event we can see: drain what is stored
-                    if (await sub.consumer_info()).num_pending == 0:
-                        break
-                yield SSE_KEEPALIVE
-                continue
-            event = event_decoder.decode(msg.data)
-            seq = msg.metadata.sequence.stream
-            yield f"id: {seq}\n".encode() + b"data: " + msgspec.json.encode(event_view(event)) + b"\n\n"
-            if follow and event.kind in TERMINAL_EVENTS:
-                break
-            if not follow and msg.metadata.num_pending == 0:
-                break
+        async with core.watching():
+            pending = ((await sub.consumer_info()).num_pending or 0) + sub.delivered
+            if not follow and pending == 0:
+                yield SSE_DONE
+                return
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=core.settings.keepalive_interval)
+                except (TimeoutError, NatsTimeoutError):
+                    if follow and (await svc.get(job.job_id)).status in FINISHED:
+                        follow = False  # finished without a terminal event we can see: drain what is stored
+                        if (await sub.consumer_info()).num_pending == 0:
+                            break
+                    yield SSE_KEEPALIVE
+                    continue
+                event = event_decoder.decode(msg.data)
+                seq = msg.metadata.sequence.stream
+                yield f"id: {seq}\n".encode() + b"data: " + msgspec.json.encode(event_view(event)) + b"\n\n"
+                if follow and event.kind in TERMINAL_EVENTS:
+                    break
+                if not follow and msg.metadata.num_pending == 0:
+                    break
+        yield SSE_DONE
+    except CyError as exc:  # the gateway is shutting down
+        yield sse_event(envelope(exc))
         yield SSE_DONE
     finally:
         try:

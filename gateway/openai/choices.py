@@ -77,7 +77,8 @@ class Choices:
         while waiting and (left := deadline - time.monotonic()) > 0:
             raise_if_cancelled()
             try:
-                item = await asyncio.wait_for(self._queue.get(), left)
+                with self._core.ended_by_drain():
+                    item = await asyncio.wait_for(self._queue.get(), left)
             except TimeoutError:
                 return
             self._early.append(item)
@@ -99,7 +100,9 @@ class Choices:
                 i, reply = self._early.pop(0)
             else:
                 try:
-                    i, reply = await asyncio.wait_for(self._queue.get(), keepalive)
+                    # The streams are read by the pumps: a drain's cancel reaches this task here.
+                    with self._core.ended_by_drain():
+                        i, reply = await asyncio.wait_for(self._queue.get(), keepalive)
                 except TimeoutError:
                     yield None
                     continue
