@@ -95,10 +95,12 @@ class ReplyStream:
         request_timeout: float,
         requeue: Callable[[GenerateRequest], Awaitable[Queued]] | None = None,
         reroute: Callable[[Queued, GenerateRequest], Awaitable[Queued | None]] | None = None,
+        cancel: Callable[[str, str], Awaitable[None]] | None = None,
         link: LinkWatch | None = None,
         retries: int = 1,
     ) -> None:
         self._sub = sub
+        self._cancel = cancel
         self.request = request
         self._workers = workers
         self._reroute = reroute
@@ -106,6 +108,7 @@ class ReplyStream:
         self._drops = self._link.drops
         self.queued: Queued | None = None
         self.replied = False
+        self.picked = False  # a worker has taken what is queued now (else a leaving client takes it back)
         self._queue_timeout = queue_timeout
         self._request_timeout = request_timeout
         self._accepted_at: float | None = None
@@ -144,7 +147,7 @@ class ReplyStream:
                 if self._next_index == 0 and self._retries > 0 and self._requeue is not None:
                     log.warning("worker_lost_retrying", worker_id=self.worker_id)
                     self._retries -= 1
-                    self._accepted_at, self.worker_id = None, ""
+                    self._accepted_at, self.worker_id, self.picked = None, "", False
                     self._queued_at = now
                     self.queued = await self._requeue(self.request)
                     continue
@@ -166,6 +169,11 @@ class ReplyStream:
             reply = self._accept(codec.reply_decoder.decode(msg.data))
             if reply is not None:
                 return reply
+
+    async def _cancel_part(self, worker_id: str) -> None:
+        if self._cancel is not None:
+            with contextlib.suppress(Exception):
+                await self._cancel(self.request.trace_id, worker_id)
 
     def _can_migrate(self) -> bool:
         """Free text only: a constrained answer (json_schema, forced tool calls) would need the grammar's state
@@ -198,7 +206,9 @@ class ReplyStream:
             self.request, continuation="".join(self._streamed), generation=generation, worker_hint="", handbacks=0
         )
         self._tokens_before, self._index_offset = self._tokens, self._next_index
-        self._accepted_at, self.worker_id, self._queued_at = None, "", now
+        # If the lost worker is only slow, not dead, it stops too (a cancel only it obeys).
+        await self._cancel_part(self.worker_id)
+        self._accepted_at, self.worker_id, self._queued_at, self.picked = None, "", now, False
         self._awaiting_accept = True
         self.queued = await self._requeue(rest)
         return None
@@ -223,6 +233,9 @@ class ReplyStream:
         self.replied = True
         if self._awaiting_accept and not isinstance(reply, Accepted):
             return None  # the lost worker's last words, or a reply that crossed the migration
+        if self.migrations and not isinstance(reply, Accepted) and reply.worker_id not in ("", self.worker_id):
+            return None  # a late reply of a worker the stream moved away from
+        self.picked = True
         match reply:
             case Accepted():
                 self._accepted_at, self.worker_id = time.monotonic(), reply.worker_id
@@ -270,10 +283,8 @@ class ReplyStream:
                 retryable=True,
                 retry_after=5,
             )
-        if self._accepted_at is not None and self.worker_id:
-            info = self._workers.get(self.worker_id)
-            if info is None or not self._workers.is_healthy(info):
-                raise _WorkerLost
+        if self._accepted_at is not None and self.worker_id and self._workers.is_lost(self.worker_id):
+            raise _WorkerLost
         if (
             self._accepted_at is None
             and self.queued is not None
@@ -349,6 +360,7 @@ class InferenceClient:
             request_timeout=self.request_timeout,
             requeue=self._enqueue,
             reroute=self._reroute,
+            cancel=self._publish_cancel,
             link=self.link,
         )
         try:
@@ -367,11 +379,17 @@ class InferenceClient:
                 self._orphans[stream.request.trace_id] = time.monotonic()
             with contextlib.suppress(Exception):
                 await self.nc.publish(subjects.cancel_subject(stream.request.trace_id), b"")
-        if stream.queued is not None and not stream.replied:
+        if stream.queued is not None and not stream.picked:
             # Nobody took it (queue timeout, client gone): a request nobody waits for must not stay queued.
             await self._take_back(stream.queued)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+    async def _publish_cancel(self, trace_id: str, only_worker: str) -> None:
+        """Cancel `trace_id` on `only_worker` alone (the header names it; other workers ignore the cancel)."""
+        await self.nc.publish(
+            subjects.cancel_subject(trace_id), b"", headers={subjects.CANCEL_WORKER_HEADER: only_worker}
+        )
 
     async def _take_back(self, queued: Queued, stream: str = subjects.GENERATE_STREAM) -> bool:
         """Delete a queued request by its sequence. False when it is no longer queued (a worker has it, or

@@ -23,6 +23,7 @@ ModelState = Literal["ready", "loading", "failed", "unavailable"]
 class WorkersView:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerInfo] = {}
+        self._heard: dict[str, float] = {}  # worker id -> when this gateway last heard it (monotonic)
 
     async def start(self, nc: NATS, kv: KeyValue) -> None:
         await nc.subscribe(subjects.workers_updates(), cb=self._on_update)
@@ -40,6 +41,19 @@ class WorkersView:
 
     def _store(self, info: WorkerInfo) -> None:
         self._workers[info.worker_id] = info
+        self._heard[info.worker_id] = time.monotonic()
+
+    def silent_for(self, worker_id: str) -> float:
+        """Seconds since this gateway last received `worker_id`'s heartbeat (its own clock: no skew)."""
+        return time.monotonic() - self._heard.get(worker_id, float("-inf"))
+
+    def is_lost(self, worker_id: str) -> bool:
+        """A worker that serves a stream is lost after three missed heartbeats (1.5 s at the default 0.5 s),
+        or when it is gone from the bucket or stale by its own clock."""
+        info = self._workers.get(worker_id)
+        if info is None or not self.is_healthy(info):
+            return True
+        return self.silent_for(worker_id) > max(3 * info.heartbeat_interval, 1.0)
 
     async def _on_update(self, msg: Msg) -> None:
         op = (msg.headers or {}).get("KV-Operation")

@@ -167,6 +167,8 @@ class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True, omit_defaults=True):
     end_of_stream: bool = False
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = []
+    # The worker that generated it (a stream can move to another worker: late chunks of the old one are dropped).
+    worker_id: str = ""
 
 
 class StreamEnd(msgspec.Struct, tag="end", kw_only=True):

@@ -203,6 +203,9 @@ def cancel_subject(trace_id: str) -> str:
     return f"{PREFIX}.cancel.{trace_id}"
 
 
+# A cancel with this header is for the named worker only (a stream that moved on cancels its old worker's part).
+CANCEL_WORKER_HEADER = "Cy-Worker"
+
 STREAM_ALL = f"{PREFIX}.stream.>"
 # `>`, not `*`: an owned trace id is two tokens.
 CANCEL_ALL = f"{PREFIX}.cancel.>"

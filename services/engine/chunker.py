@@ -17,8 +17,9 @@ from services.engine.stops import StopMatcher
 
 
 class Chunker:
-    def __init__(self, trace_id: str, tokenizer: Any, stops: list[str], chunk_size: int) -> None:
+    def __init__(self, trace_id: str, tokenizer: Any, stops: list[str], chunk_size: int, worker_id: str = "") -> None:
         self.trace_id = trace_id
+        self.worker_id = worker_id
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.finish: FinishReason | None = None
@@ -57,6 +58,7 @@ class Chunker:
             end_of_stream=self.finish is not None,
             finish_reason=self.finish,
             logprobs=self._logprobs,
+            worker_id=self.worker_id,
         )
         self.chunks += 1
         self._text, self._tokens, self._logprobs = "", 0, []

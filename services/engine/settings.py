@@ -18,7 +18,8 @@ class WorkerSettings(NatsSettings, frozen=True, kw_only=True):
     engine: str = ""
     slots: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
     stream_chunk_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
-    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Three missed beats and a gateway moves this worker's streams elsewhere (0.5 s: within 1.5 s).
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     device: str = "auto"
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000

@@ -274,6 +274,9 @@ class Worker:
         self._doorbell.set()
 
     async def _on_cancel(self, msg: Msg) -> None:
+        only = (msg.headers or {}).get(subjects.CANCEL_WORKER_HEADER)
+        if only is not None and only != self.worker_id:
+            return  # a cancel for another worker's part of the stream (the gateway moved it off that worker)
         trace_id = subjects.trace_of_cancel(msg.subject)
         task = self._active.get(trace_id)
         if task is not None and not task.done():
@@ -544,6 +547,7 @@ class Worker:
             self.engine.tokenizer,
             req.generation.stop,
             req.stream_chunk_size or self.settings.stream_chunk_size,
+            self.worker_id,
         )
         steps = self.engine.generate(prompt_ids, req.generation, adapter)
         try:
