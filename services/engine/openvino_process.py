@@ -114,6 +114,10 @@ def _load(config: PipelineConfig) -> Any:
     scheduler = ov_genai.SchedulerConfig()
     scheduler.cache_size = config.kv_cache_gb
     scheduler.max_num_seqs = config.slots
+    # At least one token for every running stream, so none skips a step. A smaller budget shortens the stall a
+    # long prompt's prefill causes but cannot bound it: a budget counts tokens, and late in a 7,800-token prompt
+    # 24 prompt tokens cost ~4x a whole 8-stream decode step, mostly attention over the prefix (2 cores; measured
+    # with infra/bench/long_prompt.py, table in docs/engines.md).
     scheduler.max_num_batched_tokens = max(config.prefill_budget, config.slots)
     scheduler.dynamic_split_fuse = True
     # Shared prompt prefixes (system prompts, chat templates) are computed once; and a long prompt that yields
