@@ -18,6 +18,10 @@ JobStatus = Literal["queued", "running", "paused", "completed", "failed", "cance
 JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "paused", "completed", "failed", "cancelled")
 # No trainer will touch a job in these states again.
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+# The trainer that owns a running job stamps its record (`heartbeat_ms`) this often; a record not stamped for
+# TRAINER_SILENT_S means that trainer is dead or cut off (its job waits for another: docs/training.md).
+TRAINER_HEARTBEAT_S = 1.0
+TRAINER_SILENT_S = 3 * TRAINER_HEARTBEAT_S
 
 # What a client may ask a running job to do (the trainer acts on it between two steps).
 ControlAction = Literal["cancel", "pause"]
@@ -146,6 +150,16 @@ class TrainingJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     # An uploaded dataset (object store) instead of `dataset_path`, and its digest when the job was started.
     dataset_id: str = ""
     dataset_digest: str = ""
+    # While running: when its trainer last stamped the record (ms, that trainer's clock; TRAINER_HEARTBEAT_S).
+    heartbeat_ms: int = 0
+
+    def silent_s(self, now_ms: int) -> float | None:
+        """Seconds since the owning trainer's last heartbeat, when that is past TRAINER_SILENT_S (the trainer
+        is dead or cut off); None while it beats, for a job that is not running, or a record without any."""
+        if self.status != "running" or not self.heartbeat_ms:
+            return None
+        silent = (now_ms - self.heartbeat_ms) / 1000
+        return silent if silent > TRAINER_SILENT_S else None
 
 
 class QueueTicket(msgspec.Struct, kw_only=True):

@@ -313,6 +313,11 @@ class TrainingStatus(msgspec.Struct, kw_only=True, rename="camel"):
     message: str
     checkpoint_step: int
     attempt: int
+    # Running jobs only: the trainer that owns it, and whether it still sends heartbeats (every second); when
+    # not, for how long it has been silent (it was killed or cut off; the job waits for another trainer).
+    trainer_id: str | msgspec.UnsetType = msgspec.UNSET
+    trainer_alive: bool | msgspec.UnsetType = msgspec.UNSET
+    stalled_since_seconds: int | msgspec.UnsetType = msgspec.UNSET
     error: JobError | msgspec.UnsetType = msgspec.UNSET
 
 

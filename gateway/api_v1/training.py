@@ -36,6 +36,7 @@ from schemas.training import (
     event_decoder,
 )
 from services.training.jobs import JobService
+from services.training.records import now_ms
 
 log = structlog.get_logger()
 
@@ -87,6 +88,16 @@ def status_view(job: TrainingJob) -> dict[str, Any]:
         "checkpointStep": job.checkpoint_step,
         "attempt": job.attempt,
     }
+    if job.status == "running":
+        silent = job.silent_s(now_ms())
+        out["trainerId"], out["trainerAlive"] = job.owner, silent is None
+        if silent is not None:  # killed or cut off: the record still reads `running` until another trainer takes it
+            out["stalledSinceSeconds"] = int(silent)
+            out["message"] = (
+                f"its trainer {job.owner} stopped sending heartbeats {int(silent)}s ago; the job resumes from "
+                f"{f'the checkpoint at step {job.checkpoint_step}' if job.checkpoint_step else 'the start'} "
+                "when a free trainer takes it over"
+            )
     if job.error is not None:
         out["error"] = {"code": job.error.code.value, "message": job.error.message}
     return out

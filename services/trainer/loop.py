@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import structlog
 import torch
 
+from schemas.errors import CyError, ErrorCode
 from schemas.training import EffectiveLora, EventKind, HyperParams, Progress
 from services.trainer.encoding import IGNORE_INDEX, Encoded, encode
 from services.training import datasets
@@ -385,3 +386,14 @@ def _linear_schedule(warmup: int, total: int) -> Any:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def wire_error(exc: BaseException) -> CyError:
+    """The one place where torch failures of a training job (what `run` raised) become wire errors."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return CyError(
+            ErrorCode.INSUFFICIENT_RESOURCES,
+            "training ran out of memory; lower batchSize or maxSeqLength",
+            retryable=True,
+        )
+    return CyError(ErrorCode.INTERNAL_ERROR, f"training failed: {type(exc).__name__}: {exc}")

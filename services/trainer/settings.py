@@ -15,8 +15,10 @@ class TrainerSettings(NatsSettings, frozen=True, kw_only=True):
     trainer_id: str = ""
     datasets_dir: str = ""
     outputs_dir: str = ""
-    # Seconds without an in-progress ack after which a job is handed to another trainer.
-    trainer_ack_wait: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
+    # Seconds without an in-progress ack (sent every second) after which a job is handed to another trainer:
+    # how long a dead trainer's job waits for a free one. Every trainer on a NATS server shares this value
+    # (one queue consumer); it covers NATS outages shorter than that (docs/training.md).
+    trainer_ack_wait: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 4.0
     trainer_device: str = "auto"
     # torch CPU threads while training (0 = torch's default: one per core). On a CPU shared with other
     # busy processes fewer threads than cores can be much faster (spinning OpenMP threads get preempted).

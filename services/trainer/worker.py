@@ -1,10 +1,12 @@
 """The trainer service: pulls one job at a time from the JetStream work queue and trains it.
 
-While a job runs the trainer acks its queue message "in progress" every `ack_wait / 3` seconds, so no
-other trainer sees it; if this process dies the message is delivered again `ack_wait` later and the next
-trainer resumes the job from its last checkpoint. Ownership is fenced by the job record: every write is
-a compare-and-set that checks `owner`, so a trainer that lost its job (it stalled past `ack_wait` and
-another one took over) notices at its next write and stops without touching the files again.
+While a job runs the trainer acks its queue message "in progress" and stamps the job record (`heartbeat_ms`)
+every second (TRAINER_HEARTBEAT_S), so no other trainer sees the job and its status shows a live trainer; if
+this process dies the status says so within TRAINER_SILENT_S, the message is delivered again `ack_wait` (4 s)
+after the last in-progress ack, and the next free trainer resumes the job from its last checkpoint. Ownership
+is fenced by the job record: every write is a compare-and-set that checks `owner`, so a trainer that lost its
+job (it stalled past `ack_wait` and another one took over) notices at its next write (a heartbeat at the
+latest) and stops without touching the files again.
 
 The trainer also answers the training API verbs (`JobService`, services/training/jobs.py) on NATS for direct
 publishers.
@@ -28,6 +30,7 @@ from nats.js.object_store import ObjectStore
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.training import (
+    TRAINER_HEARTBEAT_S,
     AdapterRecord,
     EffectiveLora,
     EventKind,
@@ -240,7 +243,7 @@ class Trainer:
         if job.status == "running":  # its trainer died or stalled past the ack wait
             job.restarts += 1
         job.status, job.owner, job.attempt = "running", self.trainer_id, job.attempt + 1
-        job.started_ms = job.started_ms or now_ms()
+        job.started_ms, job.heartbeat_ms = job.started_ms or now_ms(), now_ms()
         job.message = "Training job is running"
         return job
 
@@ -249,7 +252,7 @@ class Trainer:
         bridge = self._bridge = _Bridge(self, job)
         if job.control:
             bridge.ask(job.control)  # a pause asked for before a dead trainer could act on it
-        keepalive = self._tasks.spawn(self._keep_alive(msg), name="keepalive")
+        keepalive = self._tasks.spawn(self._keep_alive(msg, bridge), name="keepalive")
         pump = self._tasks.spawn(self._pump(bridge), name="progress")
         outcome: loop.Outcome | None = None
         error: CyError | None = None
@@ -262,7 +265,7 @@ class Trainer:
         except CyError as exc:
             error = exc
         except (MemoryError, RuntimeError) as exc:
-            error = _translate(exc)
+            error = loop.wire_error(exc)
             log.exception("training_failed")
         except Exception as exc:
             error = CyError(ErrorCode.INTERNAL_ERROR, f"training failed: {type(exc).__name__}: {exc}")
@@ -315,12 +318,22 @@ class Trainer:
             threads=self.settings.trainer_threads,
         )
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        interval = self.settings.trainer_ack_wait / 3
+    async def _keep_alive(self, msg: Msg, bridge: _Bridge) -> None:
+        """In-progress acks (the queue keeps the job from other trainers) and the record's heartbeat (its
+        status shows a live trainer); a heartbeat refused because the job changed hands is obeyed at once."""
+        interval = min(TRAINER_HEARTBEAT_S, self.settings.trainer_ack_wait / 3)
+
+        def beat(job: TrainingJob) -> TrainingJob | None:
+            if job.owner != self.trainer_id or job.status != "running":
+                return None
+            job.heartbeat_ms = now_ms()
+            return job
+
         while True:
             await asyncio.sleep(interval)
             try:
                 await msg.in_progress()
+                self._obey(bridge, await self.records.mutate(bridge.job.job_id, beat))
             except Exception as exc:  # disconnected: keep trying, the client reconnects
                 log.warning("training_keepalive_failed", error=repr(exc))
 
@@ -485,16 +498,3 @@ class Trainer:
         if record.status == "failed":
             await self.records.event(record, "failed", error.body.message, record.progress)
         log.warning("training_job_failed", job_id=job_id, code=error.code.value, error=error.body.message)
-
-
-def _translate(exc: BaseException) -> CyError:
-    """The one place where torch failures of a training job become wire errors."""
-    import torch
-
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-        return CyError(
-            ErrorCode.INSUFFICIENT_RESOURCES,
-            "training ran out of memory; lower batchSize or maxSeqLength",
-            retryable=True,
-        )
-    return CyError(ErrorCode.INTERNAL_ERROR, f"training failed: {type(exc).__name__}: {exc}")

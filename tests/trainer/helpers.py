@@ -90,7 +90,7 @@ def trainer_settings(nats_url: str, roots: Roots, **overrides: Any) -> TrainerSe
         trainer_id=overrides.pop("trainer_id", unique("trainer")),
         datasets_dir=str(roots.datasets),
         outputs_dir=str(roots.outputs),
-        trainer_ack_wait=ACK_WAIT_S,
+        trainer_ack_wait=overrides.pop("trainer_ack_wait", ACK_WAIT_S),
         # One torch thread: this 2-core machine is shared, and spinning OpenMP threads lose to it.
         trainer_threads=overrides.pop("trainer_threads", 1),
         **overrides,
@@ -130,7 +130,10 @@ async def job_service(nats_url: str, registry: Registry, roots: Roots) -> AsyncI
 class TrainerProcess:
     """`python -m services.trainer` as a real OS process (to kill -9 it mid-job); stderr goes to a file."""
 
-    def __init__(self, nats_url: str, registry_file: Path, roots: Roots, trainer_id: str) -> None:
+    def __init__(
+        self, nats_url: str, registry_file: Path, roots: Roots, trainer_id: str, ack_wait: float | None = ACK_WAIT_S
+    ) -> None:
+        """`ack_wait` None: the trainer's default (its own nats-server then: the queue consumer is shared)."""
         env = dict(
             os.environ,
             CY_LLM_NATS_URL=nats_url,
@@ -138,9 +141,10 @@ class TrainerProcess:
             CY_LLM_DATASETS_DIR=str(roots.datasets),
             CY_LLM_OUTPUTS_DIR=str(roots.outputs),
             CY_LLM_TRAINER_ID=trainer_id,
-            CY_LLM_TRAINER_ACK_WAIT=str(ACK_WAIT_S),
             CY_LLM_TRAINER_THREADS="1",
         )
+        if ack_wait is not None:
+            env["CY_LLM_TRAINER_ACK_WAIT"] = str(ack_wait)
         self.log = roots.outputs.parent / f"{trainer_id}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
