@@ -18,6 +18,7 @@ from gateway.inference_client import InferenceClient, LinkWatch
 from gateway.metrics import GatewayMetrics
 from gateway.published import UnservedRequests
 from gateway.ratelimit import RateLimiter
+from gateway.registered_adapters import RegisteredAdapters
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
@@ -43,6 +44,7 @@ class GatewayCore:
         self.settings = settings
         self.registry = registry or load_registry()
         self.workers = WorkersView()
+        self.registered = RegisteredAdapters()
         self.started_at = datetime.now(UTC)
         self.draining = False
         self.open_requests = 0
@@ -71,6 +73,7 @@ class GatewayCore:
         await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.start(self.nc, kv)
+        await self.registered.start(self.nc, self.js)
         await self._share_rate_limits()
         self.inference = InferenceClient(
             self.nc,
@@ -100,6 +103,7 @@ class GatewayCore:
         await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
         await self.workers.reload(kv)
+        await self.registered.reload(self.js)
         await jetstream.ensure_training_after_reconnect(self.js)
         await self._share_rate_limits()
 
@@ -224,10 +228,11 @@ class GatewayCore:
         return self.workers.model_state(model_id)
 
     def adapters(self, model_id: str) -> list[str]:
-        """LoRA adapters usable with `model_id`: configured in the registry or announced by live workers."""
+        """LoRA adapters usable with `model_id`: configured in the registry, announced by live workers, or
+        registered by a finished training job (workers load those on their first request if not yet)."""
         spec = self.registry.models.get(model_id)
         static = set(spec.adapters) if spec else set()
-        return sorted(static | set(self.workers.adapters(model_id)))
+        return sorted(static | set(self.workers.adapters(model_id)) | self.registered.of(model_id))
 
     def resolve_adapter(self, name: str) -> tuple[str, str] | None:
         """(base model id, adapter) for an adapter name used as a model name (as vLLM users do)."""

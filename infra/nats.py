@@ -66,7 +66,13 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             subjects.object_subjects(subjects.DATASETS_BUCKET),
         ],
         # Publishers' requests (to end those for models nobody serves, with a reply on their stream subject).
-        [subjects.STREAM_ALL, subjects.workers_updates(), subjects.INBOX_ALL, subjects.PUBLISHED_SUBJECTS],
+        [
+            subjects.STREAM_ALL,
+            subjects.workers_updates(),
+            subjects.INBOX_ALL,
+            subjects.PUBLISHED_SUBJECTS,
+            subjects.kv_subjects(subjects.ADAPTERS_BUCKET),  # registered adapters (gateway/registered_adapters.py)
+        ],
     ),
     "worker": _role(
         [

@@ -213,6 +213,27 @@ class AdapterSync:
             except Exception as exc:
                 log.warning("adapters_announce_failed", error=repr(exc))
 
+    async def ensure(self, name: str) -> bool:
+        """Whether adapter `name` is loaded here, loading it now if it is registered for this model but its
+        update has not reached this worker yet: a job reads `completed` once its adapter is registered, and a
+        request may come right then (at worst it waits for the fetch and the load, ~0.2 s for a small one)."""
+        if self.engine.has_adapter(name):
+            return True
+        if not self.supported:
+            return False
+        try:
+            kv = await self.nc.jetstream().key_value(subjects.ADAPTERS_BUCKET)
+            key = subjects.adapter_key(self.model_id, name)
+            record = _decode(key, (await kv.get(key)).value)
+        except (KeyNotFoundError, KeyDeletedError, NotFoundError):
+            return False
+        if record is None:
+            return False
+        if await self._apply(record):
+            with contextlib.suppress(Exception):
+                await self.on_change()
+        return bool(self.engine.has_adapter(name))
+
     def by_path(self, value: str, outputs_root: Path) -> str | None:
         """The name of the loaded adapter at `value` (the spec calls `adapter` a path): its folder, or the
         training job's outputDir that holds it; relative paths are read against `outputs_root`. Only

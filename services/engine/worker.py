@@ -526,6 +526,8 @@ class Worker:
         adapter = req.adapter
         if adapter and not self.engine.has_adapter(adapter):
             named = self._adapters.by_path(adapter, self._outputs_root()) if self._adapters else None
+            if named is None and self._adapters is not None and await self._adapters.ensure(adapter):
+                named = adapter
             if named is None:
                 raise CyError(
                     ErrorCode.MODEL_NOT_FOUND, f"adapter {adapter!r} is not available for model {self.model_id!r}"

@@ -81,13 +81,23 @@ async def test_a_taught_answer_comes_back_through_inference_with_the_adapter_and
     assert done["estimatedTimeRemainingSeconds"] == 0 and done["startedAt"] and done["completedAt"]
     assert done["adapterName"] == name
 
-    # The worker loads the registered adapter by itself and announces it: no restart anywhere.
+    # Served by name the moment the job reads "completed", on both APIs (no window while the workers load it),
+    # with no restart anywhere.
+    assert gw.lite_url
+    async with httpx.AsyncClient(base_url=gw.lite_url, timeout=60) as lite:
+        after, openai = await asyncio.gather(
+            answer_http(client, adapter=name),
+            lite.post(
+                "/chat/completions",
+                json={"model": name, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0},
+            ),
+        )
+    assert after.startswith(ANSWER), after
+    assert openai.status_code == 200, openai.text
+    # The worker announces it too.
     assert await wait_adapter_listed(client, name)
     detail = (await client.get("/api/v1/models/tiny")).json()
     assert name in detail["loraAdapters"]
-
-    after = await answer_http(client, adapter=name)
-    assert after.startswith(ANSWER), after
     # The spec calls `adapter` a path: the trained adapter's folder, or the job's outputDir, select it too.
     output_dir = roots.outputs / output_name
     assert (await answer_http(client, adapter=str(output_dir / "adapter"))).startswith(ANSWER)
