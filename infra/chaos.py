@@ -156,6 +156,10 @@ class Load:
         self.stopping = False
         self.http = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers={"X-API-Key": stack.api_key})
         self.nc: nats.NATS | None = None
+        self.drops = 0  # the publisher's NATS connection drops (replies sent meanwhile are lost)
+
+    async def _dropped(self) -> None:
+        self.drops += 1
 
     async def run(self) -> None:
         self.nc = await nats.connect(
@@ -166,6 +170,7 @@ class Load:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
             error_cb=_quiet,
+            disconnected_cb=self._dropped,
         )
         try:
             await asyncio.gather(*(self._loop(i) for i in range(self.concurrency)))
@@ -244,9 +249,18 @@ class Load:
         except Exception as exc:
             await sub.unsubscribe()
             return "failed", f"nats publish refused: {type(exc).__name__}"
+        drops = self.drops
         try:
             while True:
-                reply = codec.reply_decoder.decode((await sub.next_msg(timeout=REQUEST_TIMEOUT_S)).data)
+                # As docs/nats.md tells publishers: replies are core NATS, so a connection that dropped mid-request
+                # may have lost some; give the request up (and retry it) rather than wait for them.
+                if self.drops != drops:
+                    return "failed", "nats: connection dropped mid-request"
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                reply = codec.reply_decoder.decode(msg.data)
                 if isinstance(reply, StreamEnd):
                     return "completed", ""
                 if isinstance(reply, StreamError):
