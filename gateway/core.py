@@ -86,7 +86,7 @@ class GatewayCore:
         roots = Roots.from_settings(self.settings.datasets_dir, self.settings.outputs_dir)
         self.datasets = DatasetStore(self.js)
         self.training = JobService(JobRecords(self.nc), self.registry, roots, self.datasets)
-        self.unserved = UnservedRequests(self.nc, self.js, self.workers, self.registry)
+        self.unserved = UnservedRequests(self.nc, self.js, self.workers, self.registry, self.link)
         await self.unserved.start()
         self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
 

@@ -73,6 +73,8 @@ async def admit(core: GatewayCore, request: GenerateRequest) -> GenerateRequest:
             if not recovering or time.monotonic() >= until:
                 raise
             await asyncio.sleep(0.05)
+    if core.draining:  # it began while this request waited for NATS
+        raise CyError(ErrorCode.INSUFFICIENT_RESOURCES, "the gateway is shutting down", retryable=True, retry_after=5)
     request.deadline_ms = int((time.time() + core.settings.queue_timeout) * 1000)
     return request
 

@@ -6,6 +6,7 @@ subscription, like the workers' doorbell) and sweeps it periodically for models 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -13,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from gateway.inference_client import LinkWatch
 from gateway.workers import WorkersView
 from schemas import codec, subjects
 from schemas.errors import ErrorCode
@@ -24,11 +26,16 @@ log = structlog.get_logger()
 
 # Model states with no worker that will ever pick a request up.
 _UNSERVED = frozenset({"unavailable", "failed"})
+# After this gateway's NATS link comes back, workers look stale until their next heartbeat reaches it: no
+# request is ended for this long, or a NATS restart would wipe the publishers' queued work.
+SETTLE_S = 10.0
 
 
 class UnservedRequests:
-    def __init__(self, nc: NATS, js: JetStreamContext, workers: WorkersView, registry: Registry) -> None:
-        self._nc, self._js, self._workers, self._registry = nc, js, workers, registry
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, workers: WorkersView, registry: Registry, link: LinkWatch
+    ) -> None:
+        self._nc, self._js, self._workers, self._registry, self._link = nc, js, workers, registry, link
         self._tasks = Tasks()
         self._ending: set[str] = set()  # subjects being swept now
         self._again: set[str] = set()  # ... on which more came meanwhile
@@ -41,6 +48,8 @@ class UnservedRequests:
         await self._tasks.close(timeout=1)
 
     def _unserved(self, subject: str) -> bool:
+        if not self._link.up or time.monotonic() - self._link.dropped_at < SETTLE_S:
+            return False
         return self._workers.model_state(subjects.model_of_request_subject(subject)) in _UNSERVED
 
     async def _on_publish(self, msg: Msg) -> None:
@@ -106,10 +115,10 @@ class UnservedRequests:
             return
         model_id = subjects.model_of_request_subject(subject)
         if self._registry.resolve(model_id) is None and not self._workers.engines(model_id):
-            code, message = ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not configured"
+            code, message, retryable = ErrorCode.MODEL_NOT_FOUND, f"model {model_id!r} is not configured", False
         else:
-            code, message = ErrorCode.INSUFFICIENT_RESOURCES, f"no worker is serving model {model_id!r}"
+            code, message, retryable = ErrorCode.INSUFFICIENT_RESOURCES, f"no worker is serving {model_id!r}", True
         await self._nc.publish(
             subjects.stream_subject(trace_id),
-            codec.encode(StreamError(trace_id=trace_id, code=code, message=message, retryable=True)),
+            codec.encode(StreamError(trace_id=trace_id, code=code, message=message, retryable=retryable)),
         )

@@ -35,15 +35,16 @@ class RegisteredAdapters:
         except Exception as exc:  # no bucket yet (no trainer ever ran) or no keys
             log.debug("registered_adapters_initial_load", note=repr(exc))
             return
-        self._by_model = {}
+        found: dict[str, set[str]] = {}
         for key in keys:
             try:
                 entry = await kv.get(key)
                 if entry.value:
                     record = adapter_decoder.decode(entry.value)
-                    self._by_model.setdefault(record.model_id, set()).add(record.name)
+                    found.setdefault(record.model_id, set()).add(record.name)
             except Exception as exc:  # deleted meanwhile, or undecodable: skip it
                 log.debug("registered_adapter_unreadable", key=key, error=repr(exc))
+        self._by_model = found  # swapped whole: lookups meanwhile see the previous view, never an empty one
 
     async def _on_update(self, msg: Msg) -> None:
         key = msg.subject.removeprefix(f"$KV.{subjects.ADAPTERS_BUCKET}.")

@@ -60,6 +60,7 @@ class WorkersView:
         if op in ("DEL", "PURGE"):
             for wid in [w for w in self._workers if subjects.worker_key(w) == msg.subject.rsplit(".", 1)[-1]]:
                 self._workers.pop(wid, None)
+                self._heard.pop(wid, None)
             return
         try:
             self._store(codec.worker_decoder.decode(msg.data))

@@ -77,6 +77,9 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
     "worker": _role(
         [
             subjects.STREAM_ALL,
+            # Handing a request back to the queue when its engine went down before any text.
+            subjects.GENERATE_SUBJECTS,
+            subjects.PUBLISHED_SUBJECTS,
             subjects.kv_subjects(subjects.WORKERS_BUCKET),
             subjects.JS_API_ALL,
             subjects.JS_ACK_ALL,
@@ -103,7 +106,7 @@ def publisher_permissions(name: str) -> dict[str, Any]:
     publish; its ack comes back to its inbox), so that the workers know it as the owner of what it sends;
     cancel its own traces, read only its own reply subjects and inbox."""
     return {
-        "publish": {"allow": [subjects.owned_requests(name), subjects.owned_cancels(name)]},
+        "publish": {"allow": [*subjects.owned_requests(name), subjects.owned_cancels(name)]},
         "subscribe": {"allow": [subjects.owned_streams(name), f"{subjects.publisher_inbox_prefix(name)}.>"]},
     }
 

@@ -114,9 +114,11 @@ def published_hinted_subject(owner: str, model_id: str, worker_id: str) -> str:
     return f"{PREFIX}.pub.{owner}.{token(model_id)}.hint.{token(worker_id)}"
 
 
-def owned_requests(owner: str) -> str:
-    """Every request subject of publisher `owner` (what its NATS user may publish on)."""
-    return f"{PREFIX}.pub.{owner}.>"
+def owned_requests(owner: str) -> list[str]:
+    """The request subjects publisher `owner` may publish on: a tier or a hint of any model, nothing else (a
+    subject no consumer reads would sit in the publishers' queue until it ages out)."""
+    base = f"{PREFIX}.pub.{owner}.*"
+    return [*(f"{base}.{tier}" for tier in TIERS), f"{base}.hint.*"]
 
 
 def owner_of_request_subject(subject: str) -> str | None:

@@ -85,20 +85,23 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def ensure_generate_stream(js: JetStreamContext, max_size: int) -> None:
-    """The bounded work queue of generate requests (file storage: a restart keeps queued work)."""
-    await ensure_stream(
-        js,
-        StreamConfig(
-            name=subjects.GENERATE_STREAM,
-            subjects=[subjects.GENERATE_SUBJECTS],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.NEW,
-            max_msgs=max_size,
-            max_age=REQUEST_MAX_AGE_S,
-        ),
+def _work_queue(name: str, subject: str, max_size: int, **limits: object) -> StreamConfig:
+    """A bounded work queue of generate requests (file storage: a restart keeps queued work; full: refused)."""
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_msgs=max_size,
+        max_age=REQUEST_MAX_AGE_S,
+        **limits,  # type: ignore[arg-type]
     )
+
+
+async def ensure_generate_stream(js: JetStreamContext, max_size: int) -> None:
+    """The services' work queue (the gateway's requests)."""
+    await ensure_stream(js, _work_queue(subjects.GENERATE_STREAM, subjects.GENERATE_SUBJECTS, max_size))
 
 
 # Direct publishers' requests: at most this many pending per publisher, model and tier by default.
@@ -108,20 +111,14 @@ PUBLISHER_MAX_PENDING = 64
 async def ensure_published_stream(js: JetStreamContext, max_size: int, max_pending: int) -> None:
     """Direct publishers' work queue (schemas/subjects.py PUBLISHED_STREAM): `max_pending` per subject (one
     publisher, model and tier; the excess is refused to that publisher at publish time), `max_size` in all."""
-    await ensure_stream(
-        js,
-        StreamConfig(
-            name=subjects.PUBLISHED_STREAM,
-            subjects=[subjects.PUBLISHED_SUBJECTS],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-            max_msgs_per_subject=max_pending,
-            max_msgs=max_size,
-            max_age=REQUEST_MAX_AGE_S,
-        ),
+    config = _work_queue(
+        subjects.PUBLISHED_STREAM,
+        subjects.PUBLISHED_SUBJECTS,
+        max_size,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=max_pending,
     )
+    await ensure_stream(js, config)
 
 
 async def ensure_request_streams(js: JetStreamContext, max_size: int, max_pending: int) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from schemas import subjects
@@ -40,6 +43,23 @@ async def _stream_text(client, body: dict[str, object], kill: WorkerProcess | No
     return parse_sse("\n".join(lines)), stall
 
 
+@contextlib.asynccontextmanager
+async def _doomed(
+    server: NatsServer, registry: Registry, registry_file: Path, model_id: str, worker_id: str, **gateway: object
+) -> AsyncIterator[tuple[WorkerProcess, httpx.AsyncClient]]:
+    """A worker process of `model_id` (to be killed by the test) and an /api/v1 client of a gateway that saw it."""
+    nc = await connect(server.url)
+    worker = WorkerProcess(server.url, registry_file, model_id, worker_id)
+    try:
+        await worker.wait_ready(nc)
+        async with running_gateway(server.url, registry, **gateway) as gw, gw.client() as client:
+            await wait_until(lambda: gw.core.workers.is_alive(worker_id))
+            yield worker, client
+    finally:
+        worker.stop()
+        await nc.drain()
+
+
 @pytest.mark.slow
 async def test_a_stream_whose_worker_is_killed_goes_on_on_another_worker_with_the_same_text(
     nats_server: NatsServer, registry: Registry, registry_file: Path, real_worker
@@ -47,52 +67,39 @@ async def test_a_stream_whose_worker_is_killed_goes_on_on_another_worker_with_th
     """The rest of the generation moves to a live worker (prompt + the text already streamed, budget reduced):
     no error event, no repeated or missing text, offsets continuous, usage true; greedy: the text of a run
     nobody interrupted."""
-    nc = await connect(nats_server.url)
-    worker = WorkerProcess(nats_server.url, registry_file, SMOL, "doomed-1")
-    try:
-        await worker.wait_ready(nc)
-        async with running_gateway(nats_server.url, registry) as gw, gw.client() as client:
-            await wait_until(lambda: gw.core.workers.is_alive("doomed-1"))
-            body: dict[str, object] = {
-                "modelId": SMOL,
-                "prompt": "Write a long story about a lighthouse keeper.",
-                "generation": {"temperature": 0, "maxNewTokens": 48},
-            }
-            whole, _ = await _stream_text(client, {**body, "workerHint": real_worker.worker_id})
-            events, stall = await _stream_text(client, {**body, "workerHint": "doomed-1"}, kill=worker)
-            r = await client.post("/api/v1/inference", json=body)
-        chunks = [e for e in events[:-1] if isinstance(e, dict)]
-        assert events[-1] == "[DONE]" and not any("error" in e for e in chunks), events[-3:]
-        assert [c["choices"][0]["offset"] for c in chunks] == list(range(len(chunks)))
-        text = "".join(c["choices"][0]["text"] for c in chunks)
-        assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
-        assert text == "".join(e["choices"][0]["text"] for e in whole[:-1]), (text, whole)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
-        assert stall < 30, stall  # moved, not hung (how fast is for `just chaos` to tell, not a test)
-    finally:
-        worker.stop()
-        await nc.drain()
+    async with _doomed(nats_server, registry, registry_file, SMOL, "doomed-1") as (worker, client):
+        body: dict[str, object] = {
+            "modelId": SMOL,
+            "prompt": "Write a long story about a lighthouse keeper.",
+            "generation": {"temperature": 0, "maxNewTokens": 48},
+        }
+        whole, _ = await _stream_text(client, {**body, "workerHint": real_worker.worker_id})
+        events, stall = await _stream_text(client, {**body, "workerHint": "doomed-1"}, kill=worker)
+        r = await client.post("/api/v1/inference", json=body)
+    chunks = [e for e in events[:-1] if isinstance(e, dict)]
+    assert events[-1] == "[DONE]" and not any("error" in e for e in chunks), events[-3:]
+    assert [c["choices"][0]["offset"] for c in chunks] == list(range(len(chunks)))
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert text == "".join(e["choices"][0]["text"] for e in whole[:-1]), (text, whole)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+    assert stall < 30, stall  # moved, not hung (how fast is for `just chaos` to tell, not a test)
 
 
 @pytest.mark.slow
 async def test_a_stream_whose_worker_is_killed_with_no_other_worker_ends_with_an_error_keeping_its_text(
     nats_server: NatsServer, registry: Registry, registry_file: Path
 ) -> None:
-    nc = await connect(nats_server.url)
-    worker = WorkerProcess(nats_server.url, registry_file, "tiny-solo", "doomed-3")
-    try:
-        await worker.wait_ready(nc)
-        async with running_gateway(nats_server.url, registry, queue_timeout=2.0) as gw, gw.client() as client:
-            await wait_until(lambda: gw.core.workers.is_alive("doomed-3"))
-            body = {"modelId": "tiny-solo", "prompt": "go", "generation": {"temperature": 0, "maxNewTokens": 200}}
-            events, stall = await _stream_text(client, {**body, "workerHint": "doomed-3"}, kill=worker)
-        assert events[-1] == "[DONE]"
-        assert events[-2]["error"]["code"] == "INSUFFICIENT_RESOURCES", events[-2]
-        assert events[0]["choices"][0]["text"]  # what came before the kill was sent
-        assert stall < 30, stall  # an error, not a hang (1.5 s to notice, then 2 s of queue timeout)
-    finally:
-        worker.stop()
-        await nc.drain()
+    async with _doomed(nats_server, registry, registry_file, "tiny-solo", "doomed-3", queue_timeout=2.0) as (
+        worker,
+        client,
+    ):
+        body = {"modelId": "tiny-solo", "prompt": "go", "generation": {"temperature": 0, "maxNewTokens": 200}}
+        events, stall = await _stream_text(client, {**body, "workerHint": "doomed-3"}, kill=worker)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "INSUFFICIENT_RESOURCES", events[-2]
+    assert events[0]["choices"][0]["text"]  # what came before the kill was sent
+    assert stall < 30, stall  # an error, not a hang (1.5 s to notice, then 2 s of queue timeout)
 
 
 @pytest.mark.slow

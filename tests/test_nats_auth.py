@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -107,6 +108,7 @@ async def test_a_publisher_cannot_make_chunks_appear_on_another_publishers_or_th
                 seen.append(msg.data)
 
             await bob.subscribe(subjects.stream_subject("bob.t2"), cb=collect)
+            await bob.subscribe(subjects.stream_subject("bob.t4"), cb=collect)
             await gw.core.nc.subscribe(subjects.stream_subject("gen-owned-by-the-gateway"), cb=collect)
             await bob.flush()
             await gw.core.nc.flush()
@@ -121,6 +123,12 @@ async def test_a_publisher_cannot_make_chunks_appear_on_another_publishers_or_th
                 reply = codec.reply_decoder.decode((await sub.next_msg(timeout=30)).data)
                 assert isinstance(reply, StreamError) and reply.code == "FORBIDDEN", reply
                 assert "alice.<id>" in reply.message
+            # An unreadable request naming bob's trace: the refusal goes to alice too.
+            unreadable = await alice.subscribe(subjects.stream_subject("alice.t4"))
+            junk = msgspec.msgpack.encode({"trace_id": "bob.t4", "model_id": 5})
+            await alice.jetstream().publish(subjects.published_subject("alice", "tiny-solo"), junk)
+            reply = codec.reply_decoder.decode((await unreadable.next_msg(timeout=30)).data)
+            assert isinstance(reply, StreamError) and reply.code == "INVALID_REQUEST", reply
             await asyncio.sleep(0.3)
             assert seen == []
             # Nor can she publish where the workers would take the services' word for the owner, or bob's.

@@ -112,6 +112,7 @@ class AdapterSync:
         self._cached: dict[str, Path] = {}
         self._store: ObjectStore | None = None
         self._lock = asyncio.Lock()
+        self._per_name: dict[str, asyncio.Lock] = {}  # one load or drop of a name at a time
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -250,6 +251,10 @@ class AdapterSync:
         return None
 
     async def _apply(self, record: AdapterRecord) -> bool:
+        async with self._per_name.setdefault(record.name, asyncio.Lock()):
+            return await self._apply_locked(record)
+
+    async def _apply_locked(self, record: AdapterRecord) -> bool:
         if self._loaded.get(record.name) == (record.path, record.created_ms):
             return False
         folder = await self._fetch(record) if record.object else None
@@ -286,6 +291,10 @@ class AdapterSync:
             shutil.rmtree(old, ignore_errors=True)
 
     async def _drop(self, name: str) -> bool:
+        async with self._per_name.setdefault(name, asyncio.Lock()):
+            return await self._drop_locked(name)
+
+    async def _drop_locked(self, name: str) -> bool:
         unregister = getattr(self.engine, "unregister_adapter", None)
         if name not in self._loaded or name in self.static or unregister is None:
             return False

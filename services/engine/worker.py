@@ -282,18 +282,20 @@ class Worker:
         if task is not None and not task.done():
             self._cancel_requested.add(trace_id)
             task.cancel()
-        elif task is None:
+        elif task is None and only is None:  # a targeted cancel is for a part that ran: nothing comes later
             self._remember_early_cancel(trace_id)
 
     def _remember_early_cancel(self, trace_id: str) -> None:
-        """Every worker hears every cancel; most are for requests served elsewhere. Bounded by age and count."""
+        """Every worker hears every cancel; most are for requests served elsewhere. Bounded by age and count,
+        oldest first (O(1) per cancel: a flood of cancels cannot stall the event loop)."""
         now = time.monotonic()
-        if len(self._early_cancels) >= EARLY_CANCEL_MAX:
-            cutoff = now - EARLY_CANCEL_TTL_S
-            self._early_cancels = {t: at for t, at in self._early_cancels.items() if at > cutoff}
-            while len(self._early_cancels) >= EARLY_CANCEL_MAX:  # all recent: drop the oldest
-                self._early_cancels.pop(next(iter(self._early_cancels)))
+        self._early_cancels.pop(trace_id, None)
         self._early_cancels[trace_id] = now
+        while self._early_cancels:
+            oldest, at = next(iter(self._early_cancels.items()))
+            if len(self._early_cancels) <= EARLY_CANCEL_MAX and now - at < EARLY_CANCEL_TTL_S:
+                break
+            del self._early_cancels[oldest]
 
     def _cancelled_before_pickup(self, trace_id: str) -> bool:
         at = self._early_cancels.pop(trace_id, None)
@@ -367,7 +369,7 @@ class Worker:
                 request = codec.request_decoder.decode(msg.data)
             except (codec.DecodeError, codec.ValidationError) as exc:
                 await msg.ack()
-                await self._reject_undecodable(msg.data, str(exc))
+                await self._reject_undecodable(msg.data, str(exc), subjects.owner_of_request_subject(msg.subject))
                 return
             await msg.ack()
             try:
@@ -383,13 +385,18 @@ class Worker:
             self._busy -= 1
             self._slots.release()
 
-    async def _reject_undecodable(self, data: bytes, problem: str) -> None:
+    async def _reject_undecodable(self, data: bytes, problem: str, owner: str | None) -> None:
+        """Tell the requester its request is unreadable, on its own reply subject only: a publisher's trace id
+        is taken as under its name (`owner`), whatever the payload claims."""
         try:
             trace_id = msgspec.msgpack.decode(data).get("trace_id", "")
         except Exception:
             trace_id = ""
         log.warning("request_undecodable", problem=problem, trace_id=trace_id)
-        if isinstance(trace_id, str) and subjects.is_valid_trace_id(trace_id):
+        valid = isinstance(trace_id, str) and subjects.is_valid_trace_id(trace_id)
+        if valid and owner is not None and subjects.owner_of_trace(trace_id) != owner:
+            trace_id = subjects.rehomed_trace_id(owner, trace_id)
+        if valid and subjects.is_valid_trace_id(trace_id):
             await self._publish(
                 trace_id,
                 StreamError(

@@ -18,13 +18,8 @@ def _base() -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def reference_greedy(request: GenerateRequest, *, adapter_path: Path | None) -> str:
-    """The text transformers' `generate` (greedy, fp32) gives for `request`'s messages, with the LoRA adapter at
-    `adapter_path` applied when one is given."""
-    import torch
-    from peft import PeftModel
-
-    tokenizer, model = _base()
+def _prompt_ids(request: GenerateRequest) -> list[int]:
+    tokenizer, _ = _base()
     assert request.messages is not None
     ids = tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in request.messages],
@@ -32,7 +27,17 @@ def reference_greedy(request: GenerateRequest, *, adapter_path: Path | None) -> 
         tokenize=True,
         return_dict=False,
     )
-    prompt = torch.tensor([list(ids)])
+    return list(ids)
+
+
+def reference_greedy(request: GenerateRequest, *, adapter_path: Path | None) -> str:
+    """The text transformers' `generate` (greedy, fp32) gives for `request`'s messages, with the LoRA adapter at
+    `adapter_path` applied when one is given."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer, model = _base()
+    prompt = torch.tensor([_prompt_ids(request)])
     with torch.inference_mode():
         if adapter_path is not None:
             peft = PeftModel.from_pretrained(model, str(adapter_path))
@@ -49,15 +54,8 @@ def reference_logprobs(request: GenerateRequest, token_ids: list[int]) -> list[f
     """The raw log-softmax (fp32 transformers) of each of `token_ids` generated after `request`'s prompt."""
     import torch
 
-    tokenizer, model = _base()
-    assert request.messages is not None
-    ids = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in request.messages],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=False,
-    )
-    prompt = list(ids)
+    _, model = _base()
+    prompt = _prompt_ids(request)
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + token_ids])).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
