@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{model}: the registry's models and their LoRA adapters (with `parent`)."""
+"""GET /v1/models and /v1/models/{model}: `default`, the registry's models and their LoRA adapters (with
+`parent`)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
 
     @bp.get("/models")
     async def list_models() -> Response:
-        data = []
+        # The alias every request may name (`model="default"`) is listed too, with its model as `root`.
+        data = [model_card(core, "default", core.registry.default)]
         for model_id in core.registry.models:
             data.append(model_card(core, model_id, model_id))
             data.extend(model_card(core, name, model_id, name) for name in core.adapters(model_id))

@@ -27,7 +27,8 @@ def with_adapters(registry: Registry, model_id: str, adapters: dict[str, str], *
 async def test_models_lists_every_configured_model_in_openai_shape(aclient: AsyncOpenAI) -> None:
     page = await aclient.models.list()
     models = {m.id: m for m in page.data}
-    assert {"tiny", "smollm2-135m-instruct", "unserved"} <= set(models)
+    assert {"default", "tiny", "smollm2-135m-instruct", "unserved"} <= set(models)
+    assert (models["default"].model_extra or {})["root"] == "tiny"  # the alias names its model
     tiny = models["tiny"]
     assert tiny.object == "model" and tiny.owned_by == "cy-llm" and isinstance(tiny.created, int)
     extra = tiny.model_extra or {}
