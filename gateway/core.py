@@ -102,7 +102,7 @@ class GatewayCore:
             self._tasks.spawn(self.inference.resend_cancels(), name="resend-cancels")
         await self._ensure_request_streams()
         kv = await jetstream.ensure_workers_bucket(self.js)
-        await self.workers.reload(kv)
+        await self.workers.reload(self.js, kv)
         await self.registered.reload(self.js)
         await jetstream.ensure_training_after_reconnect(self.js)
         await self._share_rate_limits()

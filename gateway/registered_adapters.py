@@ -9,13 +9,17 @@ workers take to announce it.
 
 from __future__ import annotations
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from schemas import subjects
 from schemas.training import adapter_decoder
+from services import kv_scan
 
 log = structlog.get_logger()
 
@@ -31,18 +35,18 @@ class RegisteredAdapters:
     async def reload(self, js: JetStreamContext) -> None:
         try:
             kv = await js.key_value(subjects.ADAPTERS_BUCKET)
-            keys = await kv.keys()
-        except Exception as exc:  # no bucket yet (no trainer ever ran) or no keys
-            log.debug("registered_adapters_initial_load", note=repr(exc))
+            entries = await kv_scan.entries(js, kv, subjects.ADAPTERS_BUCKET)
+        except NotFoundError:  # no bucket yet: no trainer ever ran
+            return
+        except NatsError as exc:  # keep the previous view; the live updates still arrive
+            log.warning("registered_adapters_reload_failed", error=repr(exc))
             return
         found: dict[str, set[str]] = {}
-        for key in keys:
+        for key, value in entries.items():
             try:
-                entry = await kv.get(key)
-                if entry.value:
-                    record = adapter_decoder.decode(entry.value)
-                    found.setdefault(record.model_id, set()).add(record.name)
-            except Exception as exc:  # deleted meanwhile, or undecodable: skip it
+                record = adapter_decoder.decode(value)
+                found.setdefault(record.model_id, set()).add(record.name)
+            except msgspec.DecodeError as exc:
                 log.debug("registered_adapter_unreadable", key=key, error=repr(exc))
         self._by_model = found  # swapped whole: lookups meanwhile see the previous view, never an empty one
 

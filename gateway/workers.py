@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from schemas import codec, subjects
 from schemas.workers import WorkerInfo
+from services import kv_scan
 from services.jetstream import WORKERS_TTL_S
 
 log = structlog.get_logger()
@@ -27,17 +31,20 @@ class WorkersView:
 
     async def start(self, nc: NATS, kv: KeyValue) -> None:
         await nc.subscribe(subjects.workers_updates(), cb=self._on_update)
-        await self.reload(kv)
+        await self.reload(nc.jetstream(), kv)
 
-    async def reload(self, kv: KeyValue) -> None:
+    async def reload(self, js: JetStreamContext, kv: KeyValue) -> None:
         """Read every announcement stored in the bucket (at start, and after a reconnect)."""
         try:
-            for key in await kv.keys():
-                entry = await kv.get(key)
-                if entry.value:
-                    self._store(codec.worker_decoder.decode(entry.value))
-        except Exception as exc:  # empty bucket raises NoKeysError
-            log.debug("workers_initial_load", note=repr(exc))
+            found = await kv_scan.entries(js, kv, subjects.WORKERS_BUCKET)
+        except NatsError as exc:  # the live heartbeats fill the view anyway
+            log.warning("workers_reload_failed", error=repr(exc))
+            return
+        for key, value in found.items():
+            try:
+                self._store(codec.worker_decoder.decode(value))
+            except msgspec.DecodeError as exc:
+                log.warning("worker_announcement_undecodable", key=key, error=repr(exc))
 
     def _store(self, info: WorkerInfo) -> None:
         self._workers[info.worker_id] = info

@@ -31,7 +31,7 @@ from nats.js.object_store import ObjectStore
 from schemas import subjects
 from schemas.errors import CyError, ErrorCode
 from schemas.training import AdapterRecord, adapter_decoder
-from services import adapter_store
+from services import adapter_store, kv_scan
 from services.runtime import data_dir
 
 log = structlog.get_logger()
@@ -147,25 +147,15 @@ class AdapterSync:
         """Load what is registered and not loaded (or changed), drop what was deleted. True on change."""
         js = self.nc.jetstream()
         try:
-            # Stream info lists the keys without creating a consumer (kv.keys() would, on every resync).
-            info = await js.stream_info(
-                subjects.kv_stream(subjects.ADAPTERS_BUCKET), subjects_filter=subjects.adapters_updates(self.model_id)
-            )
             kv = await js.key_value(subjects.ADAPTERS_BUCKET)
+            # The stream's index lists the keys without creating a consumer (kv.keys() would, on every resync).
+            entries = await kv_scan.entries(js, kv, subjects.ADAPTERS_BUCKET, subjects.adapters_of_model(self.model_id))
         except NotFoundError:
-            info, kv = None, None
-        bucket_prefix = f"$KV.{subjects.ADAPTERS_BUCKET}."
-        found = (info.state.subjects or {}) if info is not None else {}
-        keys = [subject.removeprefix(bucket_prefix) for subject in found]
+            entries = {}
         changed = False
         present: set[str] = set()
-        for key in keys:
-            assert kv is not None
-            try:
-                entry = await kv.get(key)
-            except (KeyNotFoundError, KeyDeletedError):
-                continue
-            record = _decode(key, entry.value)
+        for key, value in entries.items():
+            record = _decode(key, value)
             if record is not None:
                 present.add(record.name)
                 changed |= await self._apply(record)

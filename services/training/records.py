@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode, ErrorDetail
 from schemas.training import EventKind, Progress, QueueTicket, TrainingControl, TrainingEvent, TrainingJob, job_decoder
-from services import jetstream
+from services import jetstream, kv_scan
 
 log = structlog.get_logger()
 
@@ -98,23 +98,12 @@ class JobRecords:
         raise CyError(ErrorCode.INTERNAL_ERROR, f"job '{job_id}' is changing too fast to update", retryable=True)
 
     async def all_jobs(self) -> list[TrainingJob]:
-        kv = await self.kv()
-        watcher = await kv.watchall()
         jobs: list[TrainingJob] = []
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10)
-                if entry is None:
-                    break
-                if entry.operation is None and entry.value:
-                    try:
-                        jobs.append(job_decoder.decode(entry.value))
-                    except msgspec.DecodeError as exc:
-                        log.warning("job_record_undecodable", key=entry.key, error=repr(exc))
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
+        for key, value in (await kv_scan.entries(self.js, await self.kv(), subjects.TRAINING_JOBS_BUCKET)).items():
+            try:
+                jobs.append(job_decoder.decode(value))
+            except msgspec.DecodeError as exc:
+                log.warning("job_record_undecodable", key=key, error=repr(exc))
         return jobs
 
     # --- events and signals --------------------------------------------------------------------
