@@ -19,6 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.published import UnservedRequests
 from gateway.ratelimit import RateLimiter
 from gateway.registered_adapters import RegisteredAdapters
+from gateway.session_router import SessionRouter
 from gateway.settings import GatewaySettings
 from gateway.workers import WorkersView
 from schemas import subjects
@@ -82,6 +83,8 @@ class GatewayCore:
             queue_timeout=self.settings.queue_timeout,
             request_timeout=self.settings.request_timeout,
             link=self.link,
+            router=SessionRouter(self.workers) if self.settings.session_routing else None,
+            affinity_wait=self.settings.affinity_wait,
         )
         roots = Roots.from_settings(self.settings.datasets_dir, self.settings.outputs_dir)
         self.datasets = DatasetStore(self.js)

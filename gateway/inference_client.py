@@ -16,6 +16,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
+from gateway.session_router import SessionRouter
 from gateway.workers import WorkersView
 from schemas import codec, subjects
 from schemas.errors import CyError, ErrorCode
@@ -98,6 +99,7 @@ class ReplyStream:
         cancel: Callable[[str, str], Awaitable[None]] | None = None,
         link: LinkWatch | None = None,
         retries: int = 1,
+        soft_hint_s: float | None = None,
     ) -> None:
         self._sub = sub
         self._cancel = cancel
@@ -115,6 +117,8 @@ class ReplyStream:
         self._next_index = 0
         self._requeue = requeue
         self._retries = retries
+        # A hint the session router chose (not the caller): given up for the shared tier after this long.
+        self._soft_hint_s = soft_hint_s
         self.worker_id = ""
         self.finished = False
         self.ended = False  # the worker sent its end or error: nothing runs there any more
@@ -164,12 +168,18 @@ class ReplyStream:
             if now >= until:
                 return None
             try:
-                msg = await self._sub.next_msg(timeout=min(0.5, max(until - now, 0.001)))
+                msg = await self._sub.next_msg(timeout=min(self._poll_s(now), max(until - now, 0.001)))
             except (TimeoutError, NatsTimeoutError):
                 continue
             reply = self._accept(codec.reply_decoder.decode(msg.data))
             if reply is not None:
                 return reply
+
+    def _poll_s(self, now: float) -> float:
+        """How long to wait for a reply before checking the deadlines again: 0.5 s, or until a soft hint ends."""
+        if self._soft_hint_s is not None and self._accepted_at is None and self.queued is not None:
+            return max(min(0.5, self._queued_at + self._soft_hint_s - now), 0.005)
+        return 0.5
 
     async def _cancel_part(self, worker_id: str) -> None:
         if self._cancel is not None:
@@ -225,10 +235,14 @@ class ReplyStream:
         return msgspec.structs.replace(request, deadline_ms=int((time.time() + self._queue_timeout) * 1000))
 
     async def _leave_hint(self) -> None:
-        """The hinted worker died before pulling the request: take it back and queue it on its tier."""
+        """The hinted worker died before pulling the request (or, for a router's soft hint, did not pull it in
+        time): take it back and queue it on its tier."""
         queued, self.queued = self.queued, None
         if queued is None or self._reroute is None:
             return
+        if self._soft_hint_s is not None:
+            self.request = msgspec.structs.replace(self.request, worker_hint="")
+            self._soft_hint_s = None
         moved = await self._reroute(queued, self.request)
         if moved is not None:
             log.warning("hinted_worker_gone_rerouted", worker_hint=self.request.worker_hint, subject=moved.subject)
@@ -300,7 +314,10 @@ class ReplyStream:
             self._accepted_at is None
             and self.queued is not None
             and subjects.is_hinted_subject(self.queued.subject)
-            and not self._workers.is_alive(self.request.worker_hint)
+            and (
+                not self._workers.is_alive(self.request.worker_hint)
+                or (self._soft_hint_s is not None and now - self._queued_at > self._soft_hint_s)
+            )
         ):
             raise _HintedWorkerGone
         if now - self.started > self._request_timeout:
@@ -318,8 +335,12 @@ class InferenceClient:
         queue_timeout: float,
         request_timeout: float,
         link: LinkWatch | None = None,
+        router: SessionRouter | None = None,
+        affinity_wait: float = 0.5,
     ) -> None:
         self.nc = nc
+        self.router = router
+        self.affinity_wait = affinity_wait
         self.js = js
         self.workers = workers
         self.queue_timeout = queue_timeout
@@ -362,6 +383,9 @@ class InferenceClient:
     @contextlib.asynccontextmanager
     async def open(self, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
         """Subscribe to the reply subject, enqueue the request, yield its replies; cancel on early exit."""
+        hinted = self.router.pick(request) if self.router is not None and not request.worker_hint else ""
+        if hinted:
+            request = msgspec.structs.replace(request, worker_hint=hinted)
         sub = await self.nc.subscribe(subjects.stream_subject(request.trace_id), pending_msgs_limit=100_000)
         stream = ReplyStream(
             sub,
@@ -373,11 +397,16 @@ class InferenceClient:
             reroute=self._reroute,
             cancel=self._publish_cancel,
             link=self.link,
+            soft_hint_s=self.affinity_wait if hinted else None,
         )
+        if self.router is not None:
+            self.router.started(hinted)
         try:
             stream.queued = await self._enqueue(request)
             yield stream
         finally:
+            if self.router is not None:
+                self.router.ended(request, hinted, stream.worker_id)
             # Shielded: a client that leaves cancels this task, and the worker must still hear the cancel (a
             # cancel sent while the publish was in flight reaches the worker before the request: it remembers).
             await shielded(self._leave(stream, sub))

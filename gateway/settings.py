@@ -24,6 +24,12 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     nats_wait: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     # Hard limit on one request end to end.
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    # Cache-aware routing (gateway/session_router.py): a session's requests (metadata.session_id or
+    # tenant + playerId; OpenAI prompt_cache_key or user) go to the worker that served its last one; a hinted
+    # request no worker picks up within affinity_wait seconds goes to the shared queue. Off: every request
+    # goes to the shared queue (the first free worker takes it).
+    session_routing: bool = True
+    affinity_wait: Annotated[float, msgspec.Meta(gt=0)] = 0.5
     queue_max_size: Annotated[int, msgspec.Meta(ge=1)] = 1000
     # Requests a direct publisher may have queued per model and tier (the excess is refused at publish, to
     # that publisher only); publishers share a queue of queue_max_size apart from the HTTP clients' one.
@@ -41,6 +47,9 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     rate_limit_shared: bool = True
     # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
     keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Seconds a stored /v1/responses response (and so the conversation a later `previous_response_id` continues)
+    # is kept in NATS KV after it was written: 30 days, as OpenAI keeps them.
+    responses_ttl: Annotated[float, msgspec.Meta(gt=0)] = 30 * 24 * 3600.0
     # Roots that training `datasetPath` / `outputDir` must lie in ("" = <data dir>/datasets, /outputs).
     # Same variables as the trainer's: CY_LLM_DATASETS_DIR, CY_LLM_OUTPUTS_DIR.
     datasets_dir: str = ""

@@ -6,6 +6,7 @@ default so older payloads keep decoding (see tests/schemas/test_evolution.py).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -45,6 +46,9 @@ class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
     tenant: str = ""
     player_id: str = ""
     locale: str = ""
+    # The conversation this request continues (OpenAI's `prompt_cache_key`): requests of one session go to the
+    # worker whose prefix cache holds it. Without it, `tenant` + `player_id` name the session.
+    session_id: str = ""
 
 
 class ToolFunction(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -114,6 +118,18 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # of `max_new_tokens`. Set by the gateway when it migrates a stream; a publisher may do the same.
     continuation: str = ""
 
+    def affinity_key(self) -> str:
+        """The session this request belongs to, as workers advertise it ("" = none): a digest of the model, the
+        adapter and `metadata.session_id` (else tenant + player_id). Requests with one key are routed to the
+        worker that served the last one, whose prefix cache holds the conversation (gateway/session_router.py)."""
+        meta = self.metadata
+        who = f"s\0{meta.tenant}\0{meta.session_id}" if meta.session_id else ""
+        if not who and meta.player_id:
+            who = f"p\0{meta.tenant}\0{meta.player_id}"
+        if not who:
+            return ""
+        return hashlib.blake2b(f"{self.model_id}\0{self.adapter}\0{who}".encode(), digest_size=8).hexdigest()
+
     def log_context(self) -> dict[str, str | None]:
         """What every log line about this request carries (bound as structlog contextvars by the gateway's
         two APIs and the worker); empty values are None so that they drop out of the rendered line."""
@@ -125,6 +141,7 @@ class GenerateRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
             "client_trace_id": meta.trace_id or None,
             "tenant": meta.tenant or None,
             "player_id": meta.player_id or None,
+            "session_id": meta.session_id or None,
             "locale": meta.locale or None,
         }
 

@@ -32,3 +32,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Seconds between heartbeats; a worker silent for 3 intervals is unhealthy.
     heartbeat_interval: float = 1.0
     draining: bool = False
+    # What this worker holds, for cache-aware routing: the affinity keys (GenerateRequest.affinity_key) of the
+    # sessions it served most recently, newest first (its prefix cache likely still has them). With
+    # `models[].adapters` (the adapters it has loaded), this is the whole advertisement of what it holds.
+    sessions: list[str] = []

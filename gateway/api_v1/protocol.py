@@ -48,6 +48,9 @@ class MetadataBody(msgspec.Struct, kw_only=True):
     locale: Annotated[str, msgspec.Meta(max_length=64)] = ""
     trace_id_snake: _ID = msgspec.field(default="", name="trace_id")
     player_id_snake: _ID = msgspec.field(default="", name="player_id")
+    # Extension: the conversation this request continues (cache-aware routing; default: tenant + playerId).
+    session_id: _ID = msgspec.field(default="", name="sessionId")
+    session_id_snake: _ID = msgspec.field(default="", name="session_id")
 
     def to_wire(self) -> Metadata:
         return Metadata(
@@ -55,6 +58,7 @@ class MetadataBody(msgspec.Struct, kw_only=True):
             tenant=self.tenant,
             player_id=self.player_id or self.player_id_snake,
             locale=self.locale,
+            session_id=self.session_id or self.session_id_snake,
         )
 
 

@@ -182,8 +182,9 @@ def _seeded(params: GenerationParams, i: int) -> GenerationParams:
     return msgspec.structs.replace(params, seed=(params.seed + i) % _SEED_SPACE)
 
 
-def _metadata(user: str | None, tags: dict[str, str] | None) -> Metadata:
-    """`user` is OpenAI's end-user id: the player. `metadata` may carry the /api/v1 metadata fields."""
+def _metadata(user: str | None, tags: dict[str, str] | None, session: str | None = None) -> Metadata:
+    """`user` is OpenAI's end-user id: the player. `metadata` may carry the /api/v1 metadata fields.
+    `session` (OpenAI's prompt_cache_key) routes the request to the worker that cached its prefix."""
     tags = tags or {}
     if len(tags) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in tags.items()):
         raise bad_request("metadata", "Invalid 'metadata': at most 16 pairs, keys <= 64 and values <= 512 chars.")
@@ -196,6 +197,7 @@ def _metadata(user: str | None, tags: dict[str, str] | None) -> Metadata:
         tenant=pick("tenant")[:256],
         player_id=(pick("playerId", "player_id") or user or "")[:256],
         locale=pick("locale")[:64],
+        session_id=(session or pick("sessionId", "session_id"))[:256],
     )
 
 
@@ -368,7 +370,9 @@ def plan_chat(core: GatewayCore, body: ChatCompletionRequest) -> Plan:
                 "(the call's arguments follow the function's schema).",
             )
         params = msgspec.structs.replace(params, json_schema=forcing)
-    plan = _fan_out(core, "chatcmpl", body, [("", messages)], params, _metadata(body.user, body.metadata))
+    plan = _fan_out(
+        core, "chatcmpl", body, [("", messages)], params, _metadata(body.user, body.metadata, body.prompt_cache_key)
+    )
     for request in plan.requests:
         request.tools = tools
     return dataclasses.replace(plan, tools=tool_plan, logprobs=params.logprobs)

@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import time
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ MAX_HANDBACKS = 3
 # remembered for this long (longer than any queue wait) so the request ends at once when it arrives.
 EARLY_CANCEL_TTL_S = 600.0
 EARLY_CANCEL_MAX = 100_000
+# How many recently served sessions a worker advertises in its heartbeat (~17 bytes each on the wire).
+ADVERTISED_SESSIONS = 512
 
 
 def _ensure_model_files(spec: ModelSpec) -> None:
@@ -88,6 +91,7 @@ class Worker:
         self._active: dict[str, asyncio.Task[Any]] = {}
         self._cancel_requested: set[str] = set()
         self._early_cancels: dict[str, float] = {}  # trace id -> when its cancel came (before its request)
+        self._sessions: OrderedDict[str, None] = OrderedDict()  # affinity keys served, oldest first
         self._tasks = Tasks()
         self._streams = Tasks()
         self._doorbell = asyncio.Event()
@@ -253,7 +257,16 @@ class Worker:
             heartbeat_ms=now_ms(),
             heartbeat_interval=self.settings.heartbeat_interval,
             draining=self._stopping,
+            sessions=list(reversed(self._sessions)),
         )
+
+    def _held(self, session: str) -> None:
+        """Advertise `session` (an affinity key) as held here: its conversation is in this engine's cache."""
+        if session:
+            self._sessions[session] = None
+            self._sessions.move_to_end(session)
+            while len(self._sessions) > ADVERTISED_SESSIONS:
+                self._sessions.popitem(last=False)
 
     async def _announce(self) -> None:
         await self._kv.put(subjects.worker_key(self.worker_id), codec.encode(self.info()))
@@ -548,6 +561,7 @@ class Worker:
             if len(prompt_ids) >= self.engine.max_model_len:
                 raise CyError(ErrorCode.INVALID_REQUEST, "the continued stream fills the model's context")
         stats["prompt_tokens"] = len(prompt_ids)
+        self._held(req.affinity_key())
         await self._publish(
             trace_id, Accepted(trace_id=trace_id, worker_id=self.worker_id, prompt_tokens=len(prompt_ids))
         )
