@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -348,6 +349,11 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--workload=persona" in given or ("--workload", "persona") in itertools.pairwise(given):
+        from infra.bench import persona  # the game workload: a bench of its own (infra/bench/persona.py)
+
+        return persona.main(given)
     args = parse_args(argv)
     exit_on_sigterm()
     workload = build_workload(args)

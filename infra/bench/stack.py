@@ -59,8 +59,12 @@ class Stack(Lifecycle):
         env: dict[str, str] | None = None,
         worker_python: str | None = None,
         worker_env: dict[str, str] | None = None,
+        workers: int = 1,
     ) -> None:
         self.root = root
+        # Several workers (the persona workload): each gets its own metrics port, listed in `metrics_ports`.
+        self.workers = workers
+        self.metrics_ports = [free_port() for _ in range(workers)]
         self.extra_env = env or {}
         self.worker_python = worker_python or sys.executable
         # The engine last, so that neither --engine-env nor the environment can swap it silently. None: the
@@ -78,6 +82,10 @@ class Stack(Lifecycle):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ready_s: float | None = None
         self.worker_ready_s: float | None = None
+
+    @property
+    def worker_names(self) -> list[str]:
+        return ["worker"] + [f"worker-{n}" for n in range(2, self.workers + 1)]
 
     @property
     def nats_url(self) -> str:
@@ -116,8 +124,16 @@ class Stack(Lifecycle):
         self.procs["nats"] = start_nats(
             self.root / "data", port=self.nats_port, token=self.token, log_file=self.root / "nats.log"
         )
-        worker_env = self._env(**{**self.worker_env, "CY_LLM_SLOTS": str(self.slots), "CY_LLM_WORKER_ID": "bench-1"})
-        self._spawn("worker", "services.engine", worker_env, self.worker_python)
+        for n, name in enumerate(self.worker_names, 1):
+            worker_env = self._env(
+                **{
+                    "CY_LLM_SLOTS": str(self.slots),
+                    "CY_LLM_WORKER_ID": f"bench-{n}",
+                    **({"CY_LLM_METRICS_PORT": str(self.metrics_ports[n - 1])} if self.workers > 1 else {}),
+                    **self.worker_env,
+                }
+            )
+            self._spawn(name, "services.engine", worker_env, self.worker_python)
         self._spawn(
             "gateway",
             "gateway",
@@ -152,7 +168,7 @@ class Stack(Lifecycle):
 
     def stop(self) -> None:
         """Gateway first, nats-server last; SIGTERM lets each drain, SIGKILL after 20 s; then leftover children."""
-        for name in ("gateway", "worker", "nats"):
+        for name in ("gateway", *self.worker_names, "nats"):
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue
