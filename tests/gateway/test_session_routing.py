@@ -4,11 +4,15 @@ sessions spread over the workers, and the affinity gives way when that worker is
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from schemas.inference import GenerateRequest, GenerationParams, Metadata, StreamEnd
+from services.engine.worker import Worker
 from services.models.registry import Registry
 from tests.helpers import Gateway, NatsServer, WorkerProcess, running_gateway, running_worker, wait_until
 from tests.nats_client import connect, request
@@ -41,71 +45,72 @@ def turn(player: str, text: str, tokens: int = 4) -> GenerateRequest:
     )
 
 
-async def test_each_players_turns_stay_on_one_worker_and_the_players_spread_over_both(
-    tmp_path: Path, registry: Registry
-) -> None:
+@contextlib.asynccontextmanager
+async def two_workers(
+    tmp_path: Path, registry: Registry, prefix: str, slots: int, **gateway: Any
+) -> AsyncIterator[tuple[Worker, Worker, Gateway]]:
+    """A nats-server, workers `<prefix>-a` and `<prefix>-b` of MODEL and a gateway that has seen both alive.
+    The affinity wait defaults to 5 s: on a busy CI machine a worker may take a while to pull its hint."""
+    gateway.setdefault("affinity_wait", 5)
     server = NatsServer(tmp_path).start()
     try:
         async with (
-            running_worker(server.url, registry, MODEL, worker_id="route-a", slots=4) as a,
-            running_worker(server.url, registry, MODEL, worker_id="route-b", slots=4) as b,
-            # A generous affinity wait: on a busy CI machine a worker may take a while to pull its hint.
-            running_gateway(server.url, registry, affinity_wait=5) as gw,
+            running_worker(server.url, registry, MODEL, worker_id=f"{prefix}-a", slots=slots) as a,
+            running_worker(server.url, registry, MODEL, worker_id=f"{prefix}-b", slots=slots) as b,
+            running_gateway(server.url, registry, **gateway) as gw,
         ):
-            await wait_until(lambda: gw.core.workers.is_alive("route-a") and gw.core.workers.is_alive("route-b"))
-            players = [f"p{i}" for i in range(8)]
-
-            async def play(player: str) -> None:
-                history = "You are the innkeeper."
-                async with gw.client() as client:
-                    for n in range(3):
-                        history += f" Turn {n}: hello from {player}."
-                        body = {
-                            "modelId": MODEL,
-                            "prompt": history,
-                            "generation": {"maxNewTokens": 4, "temperature": 0},
-                            "metadata": {"tenant": "guild", "playerId": player},
-                        }
-                        r = await client.post("/api/v1/inference", json=body)
-                        assert r.status_code == 200, r.text
-
-            await asyncio.gather(*(play(p) for p in players))
-
-            held = {w.worker_id: set(w.info().sessions) for w in (a, b)}
-            for player in players:
-                holders = [wid for wid, sessions in held.items() if session_of(player) in sessions]
-                assert len(holders) == 1, f"{player}'s turns went to {holders}"
-            counts = sorted(len(held[w] & {session_of(p) for p in players}) for w in held)
-            assert counts == [4, 4], f"players per worker: {counts}"
+            await wait_until(lambda: gw.core.workers.is_alive(a.worker_id) and gw.core.workers.is_alive(b.worker_id))
+            yield a, b, gw
     finally:
         server.stop()
+
+
+async def test_each_players_turns_stay_on_one_worker_and_the_players_spread_over_both(
+    tmp_path: Path, registry: Registry
+) -> None:
+    async with two_workers(tmp_path, registry, "route", slots=4) as (a, b, gw):
+        players = [f"p{i}" for i in range(8)]
+
+        async def play(player: str) -> None:
+            history = "You are the innkeeper."
+            async with gw.client() as client:
+                for n in range(3):
+                    history += f" Turn {n}: hello from {player}."
+                    body = {
+                        "modelId": MODEL,
+                        "prompt": history,
+                        "generation": {"maxNewTokens": 4, "temperature": 0},
+                        "metadata": {"tenant": "guild", "playerId": player},
+                    }
+                    r = await client.post("/api/v1/inference", json=body)
+                    assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(play(p) for p in players))
+
+        held = {w.worker_id: set(w.info().sessions) for w in (a, b)}
+        for player in players:
+            holders = [wid for wid, sessions in held.items() if session_of(player) in sessions]
+            assert len(holders) == 1, f"{player}'s turns went to {holders}"
+        counts = sorted(len(held[w] & {session_of(p) for p in players}) for w in held)
+        assert counts == [4, 4], f"players per worker: {counts}"
 
 
 async def test_a_session_whose_worker_has_no_free_slot_is_served_by_the_other_worker_at_once(
     tmp_path: Path, registry: Registry
 ) -> None:
-    server = NatsServer(tmp_path).start()
-    try:
-        async with (
-            running_worker(server.url, registry, MODEL, worker_id="busy-a", slots=1),
-            running_worker(server.url, registry, MODEL, worker_id="busy-b", slots=1),
-            # Affinity gives way after 50 ms: the tiny model's long answer below lasts ~250 ms.
-            running_gateway(server.url, registry, queue_timeout=60, affinity_wait=0.05) as gw,
-        ):
-            await wait_until(lambda: gw.core.workers.is_alive("busy-a") and gw.core.workers.is_alive("busy-b"))
-            home = await served_by(gw, turn("hero", "first turn"))
-            assert await served_by(gw, turn("hero", "second turn")) == home
-            # Another player fills `home`'s only slot with a long answer...
-            long = request(MODEL, "a long story", worker_hint=home)
-            long.generation = GenerationParams(temperature=0, max_new_tokens=240)
-            async with gw.core.inference.open(long) as blocker:
-                while blocker.worker_id != home:
-                    await blocker.next(10)
-                # ... so the hero's next turn goes to the other worker rather than wait for it.
-                other = await served_by(gw, turn("hero", "third turn"))
-            assert other != home
-    finally:
-        server.stop()
+    # Affinity gives way after 50 ms: the tiny model's long answer below lasts ~250 ms.
+    async with two_workers(tmp_path, registry, "busy", slots=1, queue_timeout=60, affinity_wait=0.05) as (_, _, gw):
+        home = await served_by(gw, turn("hero", "first turn"))
+        assert await served_by(gw, turn("hero", "second turn")) == home
+        # Another player fills `home`'s only slot with a long answer...
+        long = request(MODEL, "a long story", worker_hint=home)
+        long.generation = GenerationParams(temperature=0, max_new_tokens=240)
+        async with gw.core.inference.open(long) as blocker:
+            while blocker.worker_id != home:
+                await blocker.next(10)
+            # ... so the hero's next turn goes to the other worker rather than wait for it.
+            other = await served_by(gw, turn("hero", "third turn"))
+        assert other != home
 
 
 async def test_a_session_whose_worker_died_moves_to_a_live_worker_and_stays_there(
@@ -137,46 +142,29 @@ async def test_a_gateway_that_never_saw_the_session_follows_the_workers_advertis
     tmp_path: Path, registry: Registry
 ) -> None:
     """A second gateway (or one restarted) learns where a session lives from the workers' heartbeats."""
-    server = NatsServer(tmp_path).start()
-    try:
-        async with (
-            running_worker(server.url, registry, MODEL, worker_id="adv-a", slots=2),
-            running_worker(server.url, registry, MODEL, worker_id="adv-b", slots=2),
-        ):
-            async with running_gateway(server.url, registry, affinity_wait=5) as first:
-                await wait_until(lambda: first.core.workers.is_alive("adv-a") and first.core.workers.is_alive("adv-b"))
-                # Two sessions, so that one of them lands on each worker.
-                homes = {p: await served_by(first, turn(p, "first turn")) for p in ("rogue", "bard")}
-            assert set(homes.values()) == {"adv-a", "adv-b"}
-            async with running_gateway(server.url, registry, affinity_wait=5) as second:
+    async with two_workers(tmp_path, registry, "adv", slots=2) as (_, _, first):
+        # Two sessions, so that one of them lands on each worker.
+        homes = {p: await served_by(first, turn(p, "first turn")) for p in ("rogue", "bard")}
+        assert set(homes.values()) == {"adv-a", "adv-b"}
+        nats_url = first.core.settings.nats_url
+        async with running_gateway(nats_url, registry, affinity_wait=5) as second:
 
-                def advertised() -> bool:
-                    infos = {p: second.core.workers.get(w) for p, w in homes.items()}
-                    return all(info is not None and session_of(p) in info.sessions for p, info in infos.items())
+            def advertised() -> bool:
+                infos = {p: second.core.workers.get(w) for p, w in homes.items()}
+                return all(info is not None and session_of(p) in info.sessions for p, info in infos.items())
 
-                await wait_until(advertised)
-                for player, home in homes.items():
-                    assert await served_by(second, turn(player, "second turn")) == home
-    finally:
-        server.stop()
+            await wait_until(advertised)
+            for player, home in homes.items():
+                assert await served_by(second, turn(player, "second turn")) == home
 
 
 async def test_the_openai_prompt_cache_key_names_the_session(tmp_path: Path, registry: Registry) -> None:
-    server = NatsServer(tmp_path).start()
-    try:
-        async with (
-            running_worker(server.url, registry, MODEL, worker_id="key-a", slots=2) as a,
-            running_worker(server.url, registry, MODEL, worker_id="key-b", slots=2) as b,
-            running_gateway(server.url, registry, affinity_wait=5) as gw,
-        ):
-            await wait_until(lambda: gw.core.workers.is_alive("key-a") and gw.core.workers.is_alive("key-b"))
-            body = {"model": MODEL, "max_tokens": 3, "prompt_cache_key": "npc-42", "temperature": 0}
-            async with httpx.AsyncClient(base_url=gw.lite_url, timeout=60) as client:
-                for n in range(3):
-                    body["messages"] = [{"role": "user", "content": f"turn {n}"}]
-                    r = await client.post("/chat/completions", json=body)
-                    assert r.status_code == 200, r.text
-            key = GenerateRequest(trace_id="x", model_id=MODEL, metadata=Metadata(session_id="npc-42")).affinity_key()
-            assert [key in w.info().sessions for w in (a, b)].count(True) == 1
-    finally:
-        server.stop()
+    async with two_workers(tmp_path, registry, "key", slots=2) as (a, b, gw):
+        body: dict[str, Any] = {"model": MODEL, "max_tokens": 3, "prompt_cache_key": "npc-42", "temperature": 0}
+        async with httpx.AsyncClient(base_url=gw.lite_url or "", timeout=60) as client:
+            for n in range(3):
+                body["messages"] = [{"role": "user", "content": f"turn {n}"}]
+                r = await client.post("/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+        key = GenerateRequest(trace_id="x", model_id=MODEL, metadata=Metadata(session_id="npc-42")).affinity_key()
+        assert [key in w.info().sessions for w in (a, b)].count(True) == 1
