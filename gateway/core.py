@@ -12,10 +12,12 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from gateway.inference_client import InferenceClient, LinkWatch
 from gateway.metrics import GatewayMetrics
+from gateway.players import Players
 from gateway.published import UnservedRequests
 from gateway.ratelimit import RateLimiter
 from gateway.registered_adapters import RegisteredAdapters
@@ -56,6 +58,7 @@ class GatewayCore:
         self._watchers: dict[asyncio.Task[Any], int] = {}
         self._ending: set[asyncio.Task[Any]] = set()
         self.limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_concurrent)
+        self.players = Players(settings.tenant_max_concurrent, settings.player_max_concurrent)
         self.link = LinkWatch()
         self._tasks = Tasks()
         self.metrics = GatewayMetrics(self)
@@ -91,7 +94,27 @@ class GatewayCore:
         self.training = JobService(JobRecords(self.nc), self.registry, roots, self.datasets)
         self.unserved = UnservedRequests(self.nc, self.js, self.workers, self.registry, self.link)
         await self.unserved.start()
+        await self.nc.subscribe(subjects.player_cancels(subjects.SERVICES_SCOPE), cb=self._on_player_cancel)
         self._tasks.spawn(self._sweep_loop(), name="hint-sweep")
+
+    async def _on_player_cancel(self, msg: Msg) -> None:
+        self.players.heard(self.inference, msg.subject)
+
+    async def cancel_player(self, tenant: str, player_id: str = "") -> int:
+        """Cancel every in-flight request of `player_id` in `tenant` (the whole tenant when empty) on every worker
+        and gateway; how many of them this gateway had open. Raises CyError (503) when NATS is unreachable."""
+        cancelled = self.players.cancel_player(self.inference, tenant, player_id)
+        try:
+            await self.nc.publish(subjects.player_cancel_subject(tenant, player_id))
+            await self.nc.flush(timeout=2)
+        except Exception as exc:
+            raise CyError(
+                ErrorCode.INSUFFICIENT_RESOURCES,
+                "NATS is unreachable: the cancel did not reach the workers",
+                retryable=True,
+                retry_after=2,
+            ) from exc
+        return cancelled
 
     async def _ensure_request_streams(self) -> None:
         s = self.settings

@@ -121,9 +121,18 @@ class Outcome:
         }
 
 
+@contextlib.asynccontextmanager
+async def _opened(core: GatewayCore, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
+    """The request's stream, counted against its tenant's and player's limits (gateway/players.py) while open."""
+    with core.players.holding(request) as held:
+        async with core.inference.open(await admit(core, request)) as stream:
+            core.players.opened(held, stream, core.inference)
+            yield stream
+
+
 async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome) -> Outcome:
     """Run a request to its end. Raises CyError on any failure."""
-    async with core.inference.open(await admit(core, request)) as stream, core.in_flight():
+    async with _opened(core, request) as stream, core.in_flight():
         while not stream.finished:
             reply = await stream.next()
             if reply is not None:
@@ -133,5 +142,5 @@ async def complete(core: GatewayCore, request: GenerateRequest, outcome: Outcome
 
 @contextlib.asynccontextmanager
 async def streaming(core: GatewayCore, request: GenerateRequest) -> AsyncIterator[ReplyStream]:
-    async with core.inference.open(await admit(core, request)) as stream, core.in_flight():
+    async with _opened(core, request) as stream, core.in_flight():
         yield stream

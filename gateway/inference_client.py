@@ -248,6 +248,11 @@ class ReplyStream:
             log.warning("hinted_worker_gone_rerouted", worker_hint=self.request.worker_hint, subject=moved.subject)
             self.queued = moved
 
+    def taken_back(self) -> None:
+        """Its request left the queue unserved (a player cancel): the stream's end comes from the gateway."""
+        self.queued = None
+        self._awaiting_accept = False
+
     @property
     def crossed_outage(self) -> bool:
         """The NATS link dropped while this stream was open (or is down now)."""
@@ -424,6 +429,19 @@ class InferenceClient:
             await self._take_back(stream.queued)
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+    async def end_queued(self, stream: ReplyStream) -> bool:
+        """A player cancel: take `stream`'s request back if no worker has it yet and end the stream as cancelled.
+        False when a worker has it (that worker heard the same cancel and ends the stream itself)."""
+        queued = stream.queued
+        if queued is None or stream.picked or not await self._take_back(queued):
+            return False
+        stream.taken_back()
+        trace_id = stream.request.trace_id
+        end = StreamEnd(trace_id=trace_id, finish_reason="cancelled", prompt_tokens=0, completion_tokens=0, chunks=0)
+        with contextlib.suppress(Exception):  # NATS down: the stream ends at its queue deadline instead
+            await self.nc.publish(subjects.stream_subject(trace_id), codec.encode(end))
+        return True
 
     async def _publish_cancel(self, trace_id: str, only_worker: str) -> None:
         """Cancel `trace_id` on `only_worker` alone (the header names it; other workers ignore the cancel)."""

@@ -45,6 +45,10 @@ class GatewaySettings(NatsSettings, frozen=True, kw_only=True):
     rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
     rate_limit_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 64
     rate_limit_shared: bool = True
+    # Generations one tenant (metadata.tenant) / one player (tenant + playerId) may have open at once, per
+    # gateway process; the excess gets 429 RATE_LIMITED with Retry-After (gateway/players.py). 0 = no limit.
+    tenant_max_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 0
+    player_max_concurrent: Annotated[int, msgspec.Meta(ge=0)] = 0
     # SSE comment sent while a stream waits (queue, long prefill) so proxies and clients keep it open.
     keepalive_interval: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     # Seconds a stored /v1/responses response (and so the conversation a later `previous_response_id` continues)

@@ -54,6 +54,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
         [
             subjects.GENERATE_SUBJECTS,
             subjects.CANCEL_ALL,
+            subjects.player_cancels(subjects.SERVICES_SCOPE),  # POST /api/v1/inference/cancel (any player's requests)
             subjects.STREAM_ALL,  # error replies to direct publishers (gateway/published.py)
             subjects.TRAINING_ALL,
             subjects.JS_API_ALL,
@@ -68,6 +69,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
         # Publishers' requests (to end those for models nobody serves, with a reply on their stream subject).
         [
             subjects.STREAM_ALL,
+            subjects.player_cancels(subjects.SERVICES_SCOPE),  # other gateways' player cancels end our streams too
             subjects.workers_updates(),
             subjects.INBOX_ALL,
             subjects.PUBLISHED_SUBJECTS,
@@ -86,6 +88,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
         ],
         [
             subjects.CANCEL_ALL,
+            subjects.PLAYER_CANCELS_ALL,
             subjects.GENERATE_SUBJECTS,
             subjects.PUBLISHED_SUBJECTS,
             subjects.kv_subjects(subjects.ADAPTERS_BUCKET),
@@ -104,9 +107,12 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
 def publisher_permissions(name: str) -> dict[str, Any]:
     """A direct publisher: publish requests on its own request subjects only (a JetStream publish is a plain
     publish; its ack comes back to its inbox), so that the workers know it as the owner of what it sends;
-    cancel its own traces, read only its own reply subjects and inbox."""
+    cancel its own traces and its own players' requests (`player_cancels(name)`: workers apply those to its own
+    trace ids only), read only its own reply subjects and inbox."""
     return {
-        "publish": {"allow": [*subjects.owned_requests(name), subjects.owned_cancels(name)]},
+        "publish": {
+            "allow": [*subjects.owned_requests(name), subjects.owned_cancels(name), subjects.player_cancels(name)]
+        },
         "subscribe": {"allow": [subjects.owned_streams(name), f"{subjects.publisher_inbox_prefix(name)}.>"]},
     }
 

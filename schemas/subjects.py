@@ -226,6 +226,41 @@ def owned_cancels(owner: str) -> str:
     return f"{PREFIX}.cancel.{owner}.>"
 
 
+# --- cancelling every request of a player, or of a whole tenant, at once (core NATS) -------------------
+# `<scope>.<tenant>` or `<scope>.<tenant>.<player>`, under a root of its own (under `cancel.` a publisher named
+# "player" would own them). `<scope>` is SERVICES_SCOPE for the services (the gateway: every request of the
+# player, whoever sent it) or a direct publisher's name (only that publisher's own requests, whose trace ids are
+# `<name>.<id>`): `_` is never in a publisher's name, so no publisher can speak for the services.
+SERVICES_SCOPE = "_all"
+PLAYER_CANCELS_ALL = f"{PREFIX}.playercancel.>"
+_NO_TENANT = "_"  # token() never yields a lone "_" (it escapes as `_xx`): the token of an empty tenant
+
+
+def player_cancel_subject(tenant: str, player_id: str = "", scope: str = SERVICES_SCOPE) -> str:
+    """Publish anything here to cancel every in-flight request of `player_id` in `tenant` (of the whole tenant
+    when `player_id` is empty) that `scope` may cancel."""
+    base = f"{PREFIX}.playercancel.{scope}.{token(tenant) or _NO_TENANT}"
+    return f"{base}.{token(player_id)}" if player_id else base
+
+
+def player_cancels(scope: str) -> str:
+    """Every player and tenant cancel of `scope` (what a publisher may publish, the gateway hear)."""
+    return f"{PREFIX}.playercancel.{scope}.>"
+
+
+def parse_player_cancel(subject: str) -> tuple[str, str, str] | None:
+    """(scope, tenant, player id or "" for the whole tenant) of a player cancel subject; None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) not in (5, 6) or not subject.startswith(f"{PREFIX}.playercancel."):
+        return None
+    try:
+        tenant = "" if parts[4] == _NO_TENANT else untoken(parts[4])
+        player_id = untoken(parts[5]) if len(parts) == 6 else ""
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return parts[3], tenant, player_id
+
+
 # --- NATS permissions (infra/nats.py renders them into the server config) ---------------------
 JS_API_ALL = "$JS.API.>"
 JS_ACK_ALL = "$JS.ACK.>"

@@ -9,7 +9,7 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import console
-from gateway.api_v1 import adapters, datasets, health, inference, models, openapi, training
+from gateway.api_v1 import adapters, datasets, health, inference, models, openapi, players, training
 from gateway.api_v1.auth import require_api_key
 from gateway.api_v1.errors import envelope, error_response
 from gateway.core import GatewayCore
@@ -36,7 +36,7 @@ def create_api_app(core: GatewayCore) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = core.settings.max_body_bytes
     app.request_class = upload_request_class(frozenset({"/api/v1/datasets"}), core.settings.max_dataset_bytes)
     harden(app, lambda error: (msgspec.json.encode(envelope(error)), {}))
-    for module in (inference, models, health, training, datasets, adapters):
+    for module in (inference, players, models, health, training, datasets, adapters):
         app.register_blueprint(module.make_blueprint(core), url_prefix="/api/v1")
     public = (openapi.JSON_PATH, openapi.DOCS_PATH)
     # Counts every request; GET /metrics is answered before the app (no API key: docs/operations.md).

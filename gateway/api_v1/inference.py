@@ -146,6 +146,10 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
             }
         )
 
+    def cancelled_event(end: StreamEnd) -> bytes:
+        """Cancelled by POST /inference/cancel (the player's requests): the client learns why its stream ended."""
+        return chunk_event(TokenChunk(trace_id=req.trace_id, chunk="", index=end.chunks, finish_reason="cancelled"))
+
     async def body() -> AsyncGenerator[bytes, None]:
         # The body runs in the response's task, not the handler's: bind the request's log context again.
         structlog.contextvars.bind_contextvars(**req.log_context())
@@ -153,6 +157,8 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
             yield SSE_PRIMING
             if isinstance(first, TokenChunk):
                 yield chunk_event(first)
+            elif isinstance(first, StreamEnd) and first.finish_reason == "cancelled":
+                yield cancelled_event(first)
             while not stream.finished:
                 reply = await stream.next(keepalive)
                 if reply is None:
@@ -162,6 +168,8 @@ async def stream_response(core: GatewayCore, req: GenerateRequest, *, route: str
                 if isinstance(reply, TokenChunk):
                     yield chunk_event(reply)
                 elif isinstance(reply, StreamEnd):
+                    if reply.finish_reason == "cancelled":
+                        yield cancelled_event(reply)
                     break
 
     events = guarded(

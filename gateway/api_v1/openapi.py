@@ -55,7 +55,8 @@ _INFERENCE_ERRORS = {
     **_BODY,
     400: _BODY[400] + " Also a prompt longer than the model's context.",
     404: "`modelId` not in the registry, or unknown `adapter` (`MODEL_NOT_FOUND`).",
-    429: "Per-key rate limit (`RATE_LIMITED`, with `Retry-After`).",
+    429: "Per-key rate limit, or the tenant's or player's concurrent requests at `CY_LLM_TENANT_MAX_CONCURRENT` / "
+    "`CY_LLM_PLAYER_MAX_CONCURRENT` (`RATE_LIMITED`, with `Retry-After`).",
     503: "Model still loading (`MODEL_NOT_READY`); no live worker, queue full, nobody picked the request up, "
     "or the gateway is shutting down (`INSUFFICIENT_RESOURCES`, with `Retry-After`).",
 }
@@ -100,6 +101,30 @@ def _paths() -> dict[str, Any]:
         f"{PREFIX}/inference/streamWithMetadata": _inference(
             "inferenceStreamWithMetadata", "Generate a completion as SSE (with game-server metadata)", stream
         ),
+        f"{PREFIX}/inference/cancel": {
+            "post": _op(
+                "Cancel every in-flight request of a player or a tenant",
+                "inference",
+                "inferenceCancel",
+                {
+                    "200": json_content(
+                        p.PlayersCancelled,
+                        "Sent to every worker and gateway: each stream ends as cancelled (`finish_reason` "
+                        "`cancelled`); `cancelled` counts those this gateway had open.",
+                    ),
+                    **errors(
+                        p.ErrorEnvelope,
+                        {
+                            **_BODY,
+                            400: _BODY[400] + " Also neither `tenant` nor `playerId` given.",
+                            503: "NATS is unreachable (`INSUFFICIENT_RESOURCES`, with `Retry-After`).",
+                        },
+                        common=_AUTH,
+                    ),
+                },
+                requestBody=json_body(p.PlayerCancelBody),
+            )
+        },
         f"{PREFIX}/models": {
             "get": _op(
                 "List the models",
@@ -424,6 +449,8 @@ def build_document() -> dict[str, Any]:
             p.ModelList,
             p.ModelDetail,
             p.AdapterDeleted,
+            p.PlayerCancelBody,
+            p.PlayersCancelled,
             p.Health,
             p.HealthDetails,
             p.Liveness,

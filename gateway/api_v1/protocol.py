@@ -264,6 +264,24 @@ class ModelDetail(ModelSummary, kw_only=True, rename="camel"):
     config: ModelConfig
 
 
+class PlayerCancelBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /inference/cancel: every in-flight request of `playerId` in `tenant`, or of the whole `tenant` without
+    `playerId` (at least one of them). Like the inference metadata, `player_id` is accepted too."""
+
+    tenant: _ID = ""
+    player_id: _ID = msgspec.field(default="", name="playerId")
+    player_id_snake: _ID = msgspec.field(default="", name="player_id")
+
+
+class PlayersCancelled(msgspec.Struct, kw_only=True, rename="camel"):
+    """The answer to POST /inference/cancel. `cancelled` counts the requests this gateway had open; those of other
+    gateways and of direct NATS publishers end too, uncounted."""
+
+    tenant: str
+    player_id: str | None
+    cancelled: int
+
+
 class DeletedAdapter(msgspec.Struct, kw_only=True, rename="camel"):
     model_id: str
     job_id: str

@@ -31,6 +31,7 @@ from services.engine.adapters import AdapterSync
 from services.engine.base import Engine, EngineDown
 from services.engine.chunker import Chunker
 from services.engine.engines import build_engine, select_engine
+from services.engine.player_cancels import PlayerCancels
 from services.engine.settings import WorkerSettings
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec, load_registry
@@ -91,6 +92,7 @@ class Worker:
         self._active: dict[str, asyncio.Task[Any]] = {}
         self._cancel_requested: set[str] = set()
         self._early_cancels: dict[str, float] = {}  # trace id -> when its cancel came (before its request)
+        self._player_cancels = PlayerCancels()  # a player's or a tenant's requests cancelled at once
         self._sessions: OrderedDict[str, None] = OrderedDict()  # affinity keys served, oldest first
         self._tasks = Tasks()
         self._streams = Tasks()
@@ -127,6 +129,7 @@ class Worker:
         self._pull_inbox = self.nc.new_inbox()
         self._pull_sub = await self.nc.subscribe(self._pull_inbox)
         await self.nc.subscribe(subjects.CANCEL_ALL, cb=self._on_cancel)
+        await self.nc.subscribe(subjects.PLAYER_CANCELS_ALL, cb=self._on_player_cancel)
         await self.nc.subscribe(subjects.model_requests_filter(self.model_id), cb=self._on_doorbell)
         await self.nc.subscribe(subjects.published_model_filter(self.model_id), cb=self._on_doorbell)
         self._tasks.spawn(self._heartbeat_loop(), name="heartbeat")
@@ -291,12 +294,22 @@ class Worker:
         if only is not None and only != self.worker_id:
             return  # a cancel for another worker's part of the stream (the gateway moved it off that worker)
         trace_id = subjects.trace_of_cancel(msg.subject)
+        if not self._cancel_active(trace_id) and trace_id not in self._active and only is None:
+            self._remember_early_cancel(trace_id)  # a targeted cancel is for a part that ran: nothing comes later
+
+    async def _on_player_cancel(self, msg: Msg) -> None:
+        for trace_id in self._player_cancels.heard(msg.subject):
+            self._cancel_active(trace_id)
+
+    def _cancel_active(self, trace_id: str) -> bool:
+        """Cancel the running request `trace_id`, once (a second cancel() would read as a shutdown in `_run`)."""
         task = self._active.get(trace_id)
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return False
+        if trace_id not in self._cancel_requested:
             self._cancel_requested.add(trace_id)
             task.cancel()
-        elif task is None and only is None:  # a targeted cancel is for a part that ran: nothing comes later
-            self._remember_early_cancel(trace_id)
+        return True
 
     def _remember_early_cancel(self, trace_id: str) -> None:
         """Every worker hears every cancel; most are for requests served elsewhere. Bounded by age and count,
@@ -385,15 +398,17 @@ class Worker:
                 await self._reject_undecodable(msg.data, str(exc), subjects.owner_of_request_subject(msg.subject))
                 return
             await msg.ack()
+            queued_at: float | None = None
             try:
-                self.metrics.observe_queue_wait(msg.metadata.timestamp.timestamp())
+                queued_at = msg.metadata.timestamp.timestamp()
+                self.metrics.observe_queue_wait(queued_at)
             except Exception:  # not a JetStream delivery: no queue time to tell
                 pass
             owner = subjects.owner_of_request_subject(msg.subject)
             if owner is not None and subjects.owner_of_trace(request.trace_id) != owner:
                 await self._refuse_foreign_trace(owner, request.trace_id)
                 return
-            await self._run(request, msg.subject)
+            await self._run(request, msg.subject, queued_at)
         finally:
             self._busy -= 1
             self._slots.release()
@@ -431,7 +446,7 @@ class Worker:
         await self.nc.publish(subjects.stream_subject(trace_id), codec.encode(reply))
 
     # --- one request ---------------------------------------------------------------------------
-    async def _run(self, req: GenerateRequest, subject: str = "") -> None:
+    async def _run(self, req: GenerateRequest, subject: str = "", queued_at: float | None = None) -> None:
         trace_id = req.trace_id
         structlog.contextvars.bind_contextvars(**req.log_context())
         task = asyncio.current_task()
@@ -445,10 +460,11 @@ class Worker:
                 log.warning("request_bad_trace_id")
                 outcome = "bad_trace_id"
                 return
-            if self._cancelled_before_pickup(trace_id):
+            if self._cancelled_before_pickup(trace_id) or self._player_cancels.cancelled_before(req, queued_at):
                 outcome = "cancelled"
                 await self._publish(trace_id, self._cancelled_end(trace_id, stats))
                 return
+            self._player_cancels.started(req)  # after the check above: no await between them
             end = await self._generate(req, started, stats)
             outcome = end.finish_reason
         except asyncio.CancelledError:
@@ -498,6 +514,7 @@ class Worker:
             )
         finally:
             self._active.pop(trace_id, None)
+            self._player_cancels.ended(trace_id)
             self._cancel_requested.discard(trace_id)
             duration_s = time.monotonic() - started
             log.info("generation", outcome=outcome, duration_ms=round(duration_s * 1000, 1), **stats)
