@@ -68,7 +68,8 @@ async def two_workers(
 async def test_each_players_turns_stay_on_one_worker_and_the_players_spread_over_both(
     tmp_path: Path, registry: Registry
 ) -> None:
-    async with two_workers(tmp_path, registry, "route", slots=4) as (a, b, gw):
+    # 8 slots each: never full, so no turn leaves its worker for being busy (another test covers that).
+    async with two_workers(tmp_path, registry, "route", slots=8) as (a, b, gw):
         players = [f"p{i}" for i in range(8)]
 
         async def play(player: str) -> None:
