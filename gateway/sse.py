@@ -22,8 +22,11 @@ SSE_PRIMING = b""  # the first event of a primed body (see Primed); never sent
 CLIENT_CLOSED = 499
 
 
-def sse_event(payload: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+def sse_event(payload: Any, name: str = "") -> bytes:
+    """One event: `data:` the JSON of `payload`, after an `event: <name>` line when named (OpenAI's Responses
+    API names each event by its type)."""
+    data = b"data: " + msgspec.json.encode(payload) + b"\n\n"
+    return b"event: " + name.encode() + b"\n" + data if name else data
 
 
 def sse_response(events: AsyncIterator[bytes]) -> Response:
@@ -39,11 +42,13 @@ async def guarded(
     error_event: Callable[[CyError], bytes],
     finished: Callable[[], bool],
     log_fields: Callable[[], dict[str, Any]],
+    done: bytes = SSE_DONE,
 ) -> AsyncGenerator[bytes, None]:
-    """`body`'s events, then `[DONE]`. The response has started (status 200 sent), so an error becomes an error
-    event (`error_event`), an unexpected exception an internal_error one; `body` is closed first (its cleanup:
-    aborting generations, freeing slots), then one canonical log line with the outcome: "ok", the error code,
-    or "client_disconnected" when the client left before `finished()`."""
+    """`body`'s events, then `done` (`[DONE]`; b"" for none, as OpenAI's Responses API ends its streams). The
+    response has started (status 200 sent), so an error becomes an error event (`error_event`), an unexpected
+    exception an internal_error one; `body` is closed first (its cleanup: aborting generations, freeing slots),
+    then one canonical log line with the outcome: "ok", the error code, or "client_disconnected" when the client
+    left before `finished()`."""
     outcome = "ok"
     try:
         async with contextlib.aclosing(body):
@@ -61,7 +66,8 @@ async def guarded(
         if outcome == "ok" and not finished():
             outcome, status = "client_disconnected", CLIENT_CLOSED
         log.info("request", status=status, outcome=outcome, **log_fields())
-    yield SSE_DONE
+    if done:
+        yield done
 
 
 class Primed:

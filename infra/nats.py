@@ -63,6 +63,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, Any]] = {
             subjects.SRV_ALL,  # asks the NATS micro services ($SRV.PING/INFO/STATS) and the workers' info endpoints
             subjects.WORKERS_ALL,
             subjects.kv_subjects(subjects.RATELIMITS_BUCKET),
+            subjects.kv_subjects(subjects.RESPONSES_BUCKET),  # stored /v1/responses (gateway/openai/response_store.py)
             # Uploaded datasets: the gateway stores and deletes them; trainers only read (JS API + inbox).
             subjects.object_subjects(subjects.DATASETS_BUCKET),
         ],

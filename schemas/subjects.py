@@ -396,6 +396,15 @@ def ratelimit_key(client: str, limit: int, window: int) -> str:
     return f"{token(client)}.{limit}.{window}"
 
 
+# --- stored OpenAI responses (/v1/responses): one record per response id, kept for the bucket's TTL --------
+RESPONSES_BUCKET = f"{_BUCKET_PREFIX}_responses"
+
+
+def response_key(response_id: str) -> str:
+    """Key of a stored response (`resp_<hex>`) in `RESPONSES_BUCKET`."""
+    return token(response_id)
+
+
 def workers_updates() -> str:
     """Every put/delete in the workers bucket, as seen by a plain core-NATS subscription."""
     return f"$KV.{WORKERS_BUCKET}.>"

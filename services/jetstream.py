@@ -218,6 +218,19 @@ async def ensure_ratelimits_bucket(js: JetStreamContext, window_s: float) -> Key
     return await ensure_bucket(js, subjects.RATELIMITS_BUCKET, ttl=2 * window_s, storage=StorageType.MEMORY)
 
 
+async def ensure_responses_bucket(js: JetStreamContext, ttl: float) -> KeyValue:
+    """The stored OpenAI responses (/v1/responses): file storage (a conversation outlives restarts), each record
+    dropped `ttl` seconds after it was written. A bucket made with another TTL gets this one (the records
+    already in it included: the server applies max age to every message)."""
+    kv = await ensure_bucket(js, subjects.RESPONSES_BUCKET, ttl=ttl)
+    stream = subjects.kv_stream(subjects.RESPONSES_BUCKET)
+    info = await admin(lambda: js.stream_info(stream), f"stream {stream}")
+    if round(info.config.max_age or 0) != round(ttl):
+        info.config.max_age = ttl
+        await admin(lambda: js.update_stream(info.config), f"stream {stream}")
+    return kv
+
+
 async def ensure_training_consumer(js: JetStreamContext, ack_wait: float) -> None:
     """The one pull consumer every trainer shares. A job stays invisible to other trainers while its
     trainer keeps acking "in progress"; `ack_wait` after the last one it is delivered again."""

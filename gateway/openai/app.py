@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.core import GatewayCore
 from gateway.http_json import json_response
-from gateway.openai import completions, files, fine_tuning, health, models, openapi
+from gateway.openai import completions, files, fine_tuning, health, models, openapi, responses
 from gateway.openai.auth import require_bearer
 from gateway.openai.errors import error_response, openai_error
 from gateway.openapi import docs_blueprint
@@ -30,6 +30,7 @@ def create_lite_app(core: GatewayCore) -> Quart:
     harden(app, lambda error: (msgspec.json.encode(openai_error(error)[1]), {"x-should-retry": "false"}))
     core.metrics.install(app, "openai")
     app.register_blueprint(completions.make_blueprint(core), url_prefix="/v1")
+    app.register_blueprint(responses.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(models.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(files.make_blueprint(core), url_prefix="/v1")
     app.register_blueprint(fine_tuning.make_blueprint(core), url_prefix="/v1")

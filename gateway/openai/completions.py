@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 from quart import Blueprint, Response, request
@@ -46,9 +46,18 @@ async def respond(core: GatewayCore, plan: Plan, route: str, *, chat: bool) -> R
     created = int(time.time())
     if plan.stream:
         chunks: Chunks = ChatChunks(plan, created) if chat else TextChunks(plan, created)
-        response = sse_response(await _open_stream(core, plan, chunks, route))
+        choices = await open_choices(core, plan)
+        response = sse_response(await Primed.start(_events(core, plan, choices, chunks, route)))
         response.headers.update(headers)
         return response
+    choices = await run_to_end(core, plan)
+    body = chat_body(plan, choices, created) if chat else completion_body(plan, choices, created)
+    return json_response(body, headers=headers)
+
+
+async def run_to_end(core: GatewayCore, plan: Plan) -> Choices:
+    """Run every generation of `plan` to its end (a whole answer, not streamed) and log the request's line.
+    Raises CyError."""
     choices = Choices(core, plan.requests, hold=_rate_limit(core))
     try:
         async with choices:
@@ -61,13 +70,12 @@ async def respond(core: GatewayCore, plan: Plan, route: str, *, chat: bool) -> R
         log_client_left(choices.log_fields())
         raise
     log.info("request", status=200, **choices.log_fields())
-    body = chat_body(plan, choices, created) if chat else completion_body(plan, choices, created)
-    return json_response(body, headers=headers)
+    return choices
 
 
-async def _open_stream(core: GatewayCore, plan: Plan, chunks: Chunks, route: str) -> AsyncIterator[bytes]:
-    """Enqueue and wait briefly for the first replies (early failures get a real HTTP status), then hand
-    the rest to the SSE generator. Raises CyError."""
+async def open_choices(core: GatewayCore, plan: Plan) -> Choices:
+    """Enqueue `plan` and wait briefly for the first replies, so that early failures get a real HTTP status; the
+    caller's SSE body reads the rest and closes the choices (start it with `Primed.start`). Raises CyError."""
     choices = Choices(core, plan.requests, hold=_rate_limit(core))
     try:
         await choices.start()
@@ -81,7 +89,7 @@ async def _open_stream(core: GatewayCore, plan: Plan, chunks: Chunks, route: str
         if isinstance(exc, asyncio.CancelledError):
             log_client_left(choices.log_fields())
         raise
-    return await Primed.start(_events(core, plan, choices, chunks, route))
+    return choices
 
 
 def _events(core: GatewayCore, plan: Plan, choices: Choices, chunks: Chunks, route: str) -> AsyncGenerator[bytes, None]:

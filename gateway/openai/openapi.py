@@ -3,9 +3,11 @@ generated from protocol.py. Served at GET /openapi.json and /v1/openapi.json, re
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from gateway.openai import protocol as p
+from gateway.openai import responses_protocol as rp
 from gateway.openai.files import PURPOSE
 from gateway.openai.fine_tuning import CreateJob
 from gateway.openapi import (
@@ -17,6 +19,7 @@ from gateway.openapi import (
     multipart_body,
     path_param,
     query_param,
+    ref,
     sse_content,
 )
 
@@ -86,6 +89,115 @@ def _generate(op_id: str, summary: str, body: type, ok: type, chunk: type) -> di
     }
 
 
+_RESPONSE = path_param("response_id", "The response's id (`resp_...`).")
+_NO_RESPONSE = {
+    404: "No stored response with that id (never stored, `store: false`, deleted or expired; `code` `not_found`), "
+    "or an id that names no route (`/` in it)."
+}
+_STREAM_EVENTS = typing.get_args(rp.ResponseStreamEvent)
+
+
+def _response_events() -> dict[str, Any]:
+    """The SSE body of a streamed response: OpenAI's named events (`event: <type>`, `data: <JSON>`), numbered by
+    `sequence_number`; no `[DONE]`. An error after the stream started is an `error` event then `response.failed`."""
+    data = {"type": "string", "contentMediaType": "application/json"}
+    schema = {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "description": "The event's `type`."},
+            "data": {**data, "contentSchema": {"anyOf": [ref(t) for t in _STREAM_EVENTS]}},
+        },
+    }
+    return {"text/event-stream": {"schema": schema}}
+
+
+def _responses() -> dict[str, Any]:
+    answer = json_content(rp.ResponseObject, "The response (`stream` false or absent).")
+    create_errors = {
+        **_GENERATE_ERRORS,
+        400: _GENERATE_ERRORS[400] + " Also: an input item other than a message, a content part other than text, "
+        "or a conversation too long to store (`code` `conversation_too_large`).",
+        404: _GENERATE_ERRORS[404] + " Or `previous_response_id` names no stored response (`param` "
+        "`previous_response_id`, `code` `previous_response_not_found`).",
+        503: _GENERATE_ERRORS[503] + " Or the response store (NATS KV) is unreachable.",
+    }
+    return {
+        "/v1/responses": {
+            "post": _op(
+                "Create a response (a conversation turn, continued with `previous_response_id`)",
+                "responses",
+                "createResponse",
+                {
+                    "200": {
+                        "description": answer["description"] + " With `stream: true`: server-sent events.",
+                        "content": {**answer["content"], **_response_events()},
+                    },
+                    **errors(p.OpenAIError, create_errors, common=_AUTH),
+                },
+                requestBody=json_body(rp.ResponseCreateRequest),
+                description=_response_events.__doc__,
+            )
+        },
+        "/v1/responses/{response_id}": {
+            "get": _op(
+                "Retrieve a stored response",
+                "responses",
+                "retrieveResponse",
+                {
+                    "200": json_content(rp.ResponseObject, "The response."),
+                    **errors(
+                        p.OpenAIError,
+                        {**_NO_RESPONSE, 400: "`stream=true` (only background responses stream again)."},
+                        common=_AUTH,
+                    ),
+                },
+                parameters=[
+                    _RESPONSE,
+                    query_param("stream", "Refused when true.", {"type": "boolean"}),
+                    query_param("include", "Accepted; nothing more is stored.", {"type": "string"}),
+                ],
+            ),
+            "delete": _op(
+                "Delete a stored response",
+                "responses",
+                "deleteResponse",
+                {
+                    "200": json_content(rp.ResponseDeleted, "Deleted (a later `previous_response_id` to it is a 404)."),
+                    **errors(p.OpenAIError, _NO_RESPONSE, common=_AUTH),
+                },
+                parameters=[_RESPONSE],
+            ),
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": _op(
+                "List a stored response's input items (the conversation it answered)",
+                "responses",
+                "listInputItems",
+                {
+                    "200": json_content(rp.InputItemList, "One page of items."),
+                    **errors(
+                        p.OpenAIError,
+                        {**_NO_RESPONSE, 400: "Bad `limit` or `order` (`param` names it)."},
+                        common=_AUTH,
+                    ),
+                },
+                parameters=[
+                    _RESPONSE,
+                    query_param("order", "`desc` (default): newest first; `asc`: oldest first.", {"type": "string"}),
+                    query_param(
+                        "after",
+                        "The last item id of the previous page (an unknown id: an empty page).",
+                        {"type": "string"},
+                    ),
+                    _limit(100, 20),
+                    query_param("include", "Accepted; nothing more is stored.", {"type": "string"}),
+                ],
+            )
+        },
+    }
+
+
 def _job_verb(verb: str, summary: str, extra: dict[int, str]) -> dict[str, Any]:
     return {
         "post": _op(
@@ -114,6 +226,7 @@ def _paths() -> dict[str, Any]:
         "/v1/completions": _generate(
             "createCompletion", "Text completion", p.CompletionRequest, p.Completion, p.Completion
         ),
+        **_responses(),
         "/v1/models": {
             "get": _op(
                 "List models and adapters",
@@ -339,8 +452,8 @@ def _paths() -> dict[str, Any]:
 def build_document() -> dict[str, Any]:
     return document(
         title="CY-LLM OpenAI-compatible API",
-        description="OpenAI's chat completions, completions, models, files and fine-tuning jobs under /v1, plus "
-        "/health and /ready. Every error body is `OpenAIError`. /v1 needs `Authorization: Bearer` only when "
+        description="OpenAI's chat completions, completions, responses, models, files and fine-tuning jobs under "
+        "/v1, plus /health and /ready. Every error body is `OpenAIError`. /v1 needs `Authorization: Bearer` only when "
         "GATEWAY_API_TOKEN is set.",
         paths=_paths(),
         types=[
@@ -350,6 +463,11 @@ def build_document() -> dict[str, Any]:
             p.ChatCompletion,
             p.ChatCompletionChunk,
             p.Completion,
+            rp.ResponseCreateRequest,
+            rp.ResponseObject,
+            rp.ResponseDeleted,
+            rp.InputItemList,
+            *_STREAM_EVENTS,
             p.ModelCardList,
             p.ModelCard,
             p.Liveness,

@@ -54,8 +54,11 @@ _REFUSED_UNLESS_OFF = (
     *("logit_bias", "tools", "functions", "function_call"),
     *("response_format", "audio", "modalities", "prediction", "reasoning_effort", "verbosity"),
     *("web_search_options", "moderation", "store", "best_of", "suffix", "prompt_cache_options"),
+    # /v1/responses: the same, plus `text` (a JSON Schema) and `previous_response_id` (a random one is a 404).
+    *("tool_choice", "include", "truncation", "top_logprobs", "reasoning", "background", "background_options"),
+    *("conversation", "context_management", "prompt", "image", "access_programs", "text", "previous_response_id"),
 )
-_TOKEN_FIELDS = ("maxNewTokens", "max_tokens", "max_completion_tokens")
+_TOKEN_FIELDS = ("maxNewTokens", "max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def _clamp_tokens(value: Any) -> None:
@@ -116,7 +119,11 @@ def _tame(case: Any, serve: bool) -> None:
                 case.body["generation"] = {"maxNewTokens": MAX_TOKENS}
         else:
             case.body["model"] = SERVED
-            if "max_completion_tokens" not in case.body:
+            if case.operation.path == "/v1/responses":
+                case.body.setdefault("max_output_tokens", MAX_TOKENS)
+                if not isinstance(case.body.get("input"), str):
+                    case.body["input"] = "fuzz"
+            elif "max_completion_tokens" not in case.body:
                 case.body.setdefault("max_tokens", MAX_TOKENS)
             # Loosely typed (`Any`) fields hold random values, which the gateway rightly refuses with a 400:
             # leave them out so that served cases reach the worker.
