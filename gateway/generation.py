@@ -88,6 +88,7 @@ class Outcome:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the engine's prefix cache
     worker_id: str = ""
     ttft_ms: float | None = None
     started: float = field(default_factory=time.monotonic)
@@ -107,12 +108,15 @@ class Outcome:
             case StreamEnd():
                 self.finish_reason = reply.finish_reason
                 self.prompt_tokens, self.completion_tokens = reply.prompt_tokens, reply.completion_tokens
+                # A migrated stream's worker also had the continuation as prompt: count only the client's prompt.
+                self.cached_tokens = min(reply.cached_tokens, reply.prompt_tokens)
             case StreamError():
                 raise CyError(reply.code, reply.message, retryable=reply.retryable, retry_after=reply.retry_after)
 
     def log_fields(self) -> dict[str, object]:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
             "duration_ms": round((time.monotonic() - self.started) * 1000, 1),

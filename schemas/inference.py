@@ -199,6 +199,10 @@ class StreamEnd(msgspec.Struct, tag="end", kw_only=True):
     worker_id: str = ""
     ttft_ms: float = 0.0
     duration_ms: float = 0.0
+    # Of `prompt_tokens`, how many the engine took from its prefix cache instead of computing them (0 for an
+    # engine without one). The `cpu-openvino` engine's count is its mirror of the pipeline's cache
+    # (services/engine/prefix_cache.py); vLLM's is its own `num_cached_tokens`.
+    cached_tokens: int = 0
 
 
 class StreamError(msgspec.Struct, tag="error", kw_only=True):

@@ -6,7 +6,8 @@ up` starts several services with the same default) the next free one in `PORT_SP
 logged (`metrics_listening`) and announced in the service's NATS micro INFO metadata (`metrics_url`).
 
 The numbers are the ones the services already compute for their log lines (the worker's `generation` line:
-ttft_ms, prompt/completion tokens, duration; the trainer's progress events): nothing is measured twice.
+ttft_ms, prompt/completion tokens, duration; the trainer's progress events), and what the engine reports of its KV
+cache and queue (`Engine.stats()`, read at scrape time): nothing is measured twice.
 Names follow vLLM's habits: `cy_llm:` prefix, `_seconds` for durations, `_total` for counters.
 """
 
@@ -15,12 +16,15 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from services.engine.base import EngineStats
 
 log = structlog.get_logger()
 
@@ -73,20 +77,31 @@ class _Callback(Collector):
     """Gauges read at scrape time from the live service (prometheus-client calls this from its own thread:
     the callback must only read plain attributes)."""
 
-    def __init__(self, collect: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+    def __init__(self, collect: Callable[[], Iterable[GaugeMetricFamily | CounterMetricFamily]]) -> None:
         self._collect = collect
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return self._collect()
 
 
 class WorkerMetrics:
-    """An engine worker's series, labelled with its `worker` id and `model`."""
+    """An engine worker's series, labelled with its `worker` id and `model`.
 
-    def __init__(self, worker_id: str, model_id: str, slots: Callable[[], tuple[int, int]]) -> None:
+    `engine_stats` (read at scrape time) gives the engine's prefix-cache counters, KV-cache usage and waiting
+    requests (services/engine/base.py EngineStats); a figure the engine does not measure is left out.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        model_id: str,
+        slots: Callable[[], tuple[int, int]],
+        engine_stats: Callable[[], EngineStats] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._labels = {"worker": worker_id, "model": model_id}
         self._slots = slots
+        self._engine_stats = engine_stats
         names = ["worker", "model"]
         r = self.registry
         self.requests = Counter(
@@ -117,6 +132,29 @@ class WorkerMetrics:
             names, buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.registry.register(_Callback(self._slot_gauges))
+        if engine_stats is not None:
+            self.registry.register(_Callback(self._engine_series))
+
+    def _engine_series(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        assert self._engine_stats is not None
+        stats = self._engine_stats()
+        labels, values = list(self._labels), list(self._labels.values())
+        # vLLM's names: counters in tokens, usage as a fraction (1 = every block) despite the `_perc`.
+        for name, doc, count in (
+            ("cy_llm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries),
+            ("cy_llm:prefix_cache_hits", "Prompt tokens found in the prefix cache", stats.prefix_cache_hits),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric(values, count)
+            yield counter
+        for name, doc, value in (
+            ("cy_llm:kv_cache_usage_perc", "Fraction of the KV cache held by running sequences", stats.kv_cache_usage),
+            ("cy_llm:num_requests_waiting", "Requests the engine holds but did not run its last step", stats.waiting),
+        ):
+            if value is not None:
+                gauge = GaugeMetricFamily(name, doc, labels=labels)
+                gauge.add_metric(values, value)
+                yield gauge
 
     def _slot_gauges(self) -> Iterable[GaugeMetricFamily]:
         total, busy = self._slots()

@@ -93,6 +93,7 @@ def make_blueprint(core: GatewayCore) -> Blueprint:
                     "prompt_tokens": outcome.prompt_tokens,
                     "completion_tokens": completion,
                     "total_tokens": outcome.prompt_tokens + completion,
+                    "cachedTokens": outcome.cached_tokens,
                 },
             }
         )

@@ -129,6 +129,8 @@ class TokenUsage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Extension: of prompt_tokens, those the engine took from its prefix cache (0 for an engine without one).
+    cached_tokens: int = msgspec.field(default=0, name="cachedTokens")
 
 
 class InferenceResponse(msgspec.Struct, kw_only=True):

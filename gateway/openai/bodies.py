@@ -83,7 +83,7 @@ def _chat_choice(plan: Plan, i: int, o: Outcome) -> dict[str, Any]:
 
 
 def _body(
-    plan: Plan, object_: str, created: int, choices: list[dict[str, Any]], usage: dict[str, int]
+    plan: Plan, object_: str, created: int, choices: list[dict[str, Any]], usage: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "id": plan.id,
@@ -123,7 +123,7 @@ class Chunks(Protocol):
     def opening(self, i: int) -> dict[str, Any] | None: ...
     def content(self, i: int, reply: TokenChunk) -> list[dict[str, Any]]: ...
     def finish(self, i: int, internal_reason: str) -> list[dict[str, Any]]: ...
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]: ...
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class _Chunks:
@@ -146,7 +146,7 @@ class _Chunks:
             out["usage"] = None  # as OpenAI: null on every chunk but the last one
         return out
 
-    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._chunk([]), "usage": usage}
 
 

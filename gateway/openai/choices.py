@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 
@@ -141,11 +142,18 @@ class Choices:
 
     # --- totals for the usage block and the log line ----------------------------------------------------
 
-    def usage(self, n: int) -> dict[str, int]:
-        """Each prompt counted once (choices p*n .. p*n+n-1 share prompt p), every completion counted."""
+    def usage(self, n: int) -> dict[str, Any]:
+        """Each prompt counted once (choices p*n .. p*n+n-1 share prompt p), every completion counted; cached
+        prompt tokens those of the prompts counted (OpenAI's `prompt_tokens_details.cached_tokens`)."""
         prompt = sum(o.prompt_tokens for o in self.outcomes[::n])
+        cached = sum(o.cached_tokens for o in self.outcomes[::n])
         completion = sum(o.completion_tokens for o in self.outcomes)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def log_fields(self) -> dict[str, object]:
         first = self.outcomes[0].log_fields()
@@ -154,6 +162,7 @@ class Choices:
             **first,
             "choices": len(self.outcomes),
             "prompt_tokens": sum(o.prompt_tokens for o in self.outcomes),
+            "cached_tokens": sum(o.cached_tokens for o in self.outcomes),
             "completion_tokens": sum(o.completion_tokens for o in self.outcomes),
             "ttft_ms": round(min(ttfts), 1) if ttfts else None,
             "finish_reason": first["finish_reason"]

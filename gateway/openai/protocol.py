@@ -206,10 +206,16 @@ class OpenAIError(msgspec.Struct, kw_only=True):
     error: OpenAIErrorInfo
 
 
+class PromptTokensDetails(msgspec.Struct, kw_only=True):
+    # Prompt tokens whose KV came from the engine's prefix cache (0 for an engine without one).
+    cached_tokens: int = 0
+
+
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]

@@ -26,12 +26,27 @@ class TokenStep(msgspec.Struct):
     """New token ids from the engine; `finish_reason` is set on the last step of a sequence.
 
     `logprobs` (when the request asked for them): one entry per token id, its `token` text still empty
-    (the worker fills it in).
+    (the worker fills it in). `cached_tokens` (on a sequence's first step): how many of its prompt tokens
+    came from the engine's prefix cache.
     """
 
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0
+
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine knows about its KV cache and its queue, for the worker's metrics (services/metrics.py).
+    None: the engine does not measure it."""
+
+    # Prompt tokens looked up in the prefix cache since the engine started, and how many of them were found.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Fraction (0-1) of the KV cache that running sequences hold.
+    kv_cache_usage: float | None = None
+    # Requests the engine holds but did not run in its last step (waiting for KV blocks or prefill budget).
+    waiting: int | None = None
 
 
 class StepInbox:
@@ -88,6 +103,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
         """Stream new tokens. Closing the iterator early aborts the sequence and frees its slot."""
+
+    def stats(self) -> EngineStats:
+        """The engine's cache and queue numbers (read from the metrics thread: plain attributes only)."""
+        return EngineStats()
 
     def adapters(self) -> list[str]:
         return []

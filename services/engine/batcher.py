@@ -127,6 +127,11 @@ class Batcher:
     def busy(self) -> int:
         return len(self._active) + len(self._prefilling) + len(self._pending)
 
+    @property
+    def waiting(self) -> int:
+        """Sequences not yet taken into the batch (it is full)."""
+        return len(self._pending)
+
     def start(self) -> None:
         self._thread.start()
 

@@ -12,6 +12,10 @@ requests never touch it and adapter requests never touch the pipeline: nothing c
 Requests that ask for alternatives (`top_logprobs` > 0) go there too: the pipeline returns only the chosen
 token's logprob. That one it does compute, and it is the raw log-softmax (measured against transformers: equal
 to 1e-3 in the exact mode, with or without temperature), so plain `logprobs` stay on the pipeline.
+
+Cached prompt tokens (a request's `cached_tokens`, the prefix-cache counters) come from the process's mirror of
+the pipeline's prefix cache (services/engine/prefix_cache.py: how it is computed, and its limits); requests
+served by the transformers engine have none.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams, TokenLogprob
 from services.engine import grammar
 from services.engine import openvino_process as proc
-from services.engine.base import Engine, EngineDown, StepInbox, TokenStep
+from services.engine.base import Engine, EngineDown, EngineStats, StepInbox, TokenStep
 from services.engine.engines import EngineOptions, openvino_weights
 from services.models.files import ensure_openvino
 from services.models.registry import ModelSpec
@@ -78,6 +82,10 @@ class OpenVinoEngine(Engine):
         self._threads: list[threading.Thread] = []
         self._lora: Any = None  # the transformers engine that serves adapter requests
         self._lora_lock = asyncio.Lock()
+        # The pipeline's numbers after its last step, and the prefix-cache totals (queries, hits) of the processes
+        # that died before this one (so the counters never go back): one tuple, swapped whole, because the
+        # metrics thread reads it.
+        self._figures: tuple[proc.Outputs, int, int] = (proc.Outputs(items=[]), 0, 0)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,9 +149,13 @@ class OpenVinoEngine(Engine):
             threads=config.threads,
             kv_cache_gb=config.kv_cache_gb,
             prefill_budget=config.prefill_budget,
+            kv_blocks=event.num_blocks or None,
+            kv_block_size=event.block_size or None,
             seconds=round(event.seconds, 1),
             pid=process.pid,
         )
+        if not event.block_size:
+            log.warning("prefix_cache_not_measured", engine=self.name, effect="cached_tokens are reported as 0")
 
     async def close(self) -> None:
         self._stopping = True
@@ -176,6 +188,17 @@ class OpenVinoEngine(Engine):
     @property
     def busy(self) -> int:
         return len(self._requests) + (self._lora.busy if self._lora is not None else 0)
+
+    def stats(self) -> EngineStats:
+        last, queries, hits = self._figures
+        idle = not self._requests  # the last figures may be from the step that finished the last request
+        lora_waiting = (self._lora.stats().waiting or 0) if self._lora is not None else 0
+        return EngineStats(
+            prefix_cache_queries=queries + last.prefix_queries,
+            prefix_cache_hits=hits + last.prefix_hits,
+            kv_cache_usage=0.0 if idle else last.kv_usage,
+            waiting=(0 if idle else last.waiting) + lora_waiting,
+        )
 
     # --- adapters: served by a transformers + peft engine --------------------------------------
     def adapters(self) -> list[str]:
@@ -290,6 +313,8 @@ class OpenVinoEngine(Engine):
             backoff = RESTART_BACKOFF_S[0]
             match event:
                 case proc.Outputs(items=items):
+                    _, queries, hits = self._figures
+                    self._figures = (event, queries, hits)
                     self._deliver(items)
                 case proc.StepFailed(request_ids=ids, message=message):
                     log.error("engine_step_failed", engine=self.name, error=message, requests=len(ids))
@@ -317,7 +342,7 @@ class OpenVinoEngine(Engine):
                     if item.logprobs
                     else None
                 )
-                request.emit(TokenStep(item.token_ids, item.finish or None, logprobs))  # type: ignore[arg-type]
+                request.emit(TokenStep(item.token_ids, item.finish or None, logprobs, item.cached))  # type: ignore[arg-type]
 
     def _fail(self, request_ids: list[int], error: CyError) -> None:
         with self._lock:
@@ -332,6 +357,8 @@ class OpenVinoEngine(Engine):
         with self._lock:
             self._conn = None
             held = list(self._requests)
+        last, queries, hits = self._figures
+        self._figures = (proc.Outputs(items=[]), queries + last.prefix_queries, hits + last.prefix_hits)
         log.error("engine_process_died", engine=self.name, exitcode=exitcode, requests=len(held), restart_in_s=backoff)
         self._fail(held, EngineDown("the engine process died mid-request"))
         time.sleep(backoff)

@@ -9,6 +9,9 @@ shortest prompt first, run one `step()` (every running sequence gets a token; pr
 chunks that fill the rest of the step's `max_num_batched_tokens`, so a long prompt never stalls the
 streams already running), then send every request's new tokens back in one message. Newcomers do not
 wait behind a long prompt's prefill (see `_Loop._yield_long_prefills`).
+
+The pipeline reuses cached prompt blocks but does not say how many; `services/engine/prefix_cache.py` mirrors its
+block bookkeeping to tell each request (its first Output's `cached`) and to count queries and hits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import msgspec
+
+from services.engine.prefix_cache import PrefixCache
 
 
 # --- messages between the worker and this process (msgpack over a multiprocessing Pipe) -------------
@@ -51,6 +56,9 @@ Command = Add | Cancel | Stop
 class Ready(msgspec.Struct, tag=True):
     eos_ids: list[int]
     seconds: float
+    # The KV cache as measured at warm-up (0: not measured, and no cached tokens are reported).
+    block_size: int = 0
+    num_blocks: int = 0
 
 
 class Failed(msgspec.Struct, tag=True):
@@ -63,10 +71,17 @@ class Output(msgspec.Struct, array_like=True):
     # "" while running; "stop" / "length" when it ended; "ignored" when the prompt cannot fit the KV cache.
     finish: Literal["", "stop", "length", "ignored"] = ""
     logprobs: list[float] = []  # one per token id, when the request asked for them
+    cached: int = 0  # on a request's first output: prompt tokens it took from the prefix cache
 
 
 class Outputs(msgspec.Struct, tag=True):
+    """One step's outputs, and the pipeline's numbers after it (the prefix cache's since the process started)."""
+
     items: list[Output]
+    kv_usage: float = 0.0  # fraction of the KV blocks that running sequences held in the step
+    waiting: int = 0  # requests in the pipeline that the step did not schedule, plus long prompts set aside
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 class StepFailed(msgspec.Struct, tag=True):
@@ -96,14 +111,20 @@ def main(conn: Connection, config: PipelineConfig) -> None:
     try:
         started = time.monotonic()
         pipe = _load(config)
-        _warm_up(pipe)
+        cache = _warm_up(pipe)
         eos = pipe.get_config().eos_token_id
-        conn.send_bytes(encoder.encode(Ready(eos_ids=[eos] if eos >= 0 else [], seconds=time.monotonic() - started)))
+        ready = Ready(
+            eos_ids=[eos] if eos >= 0 else [],
+            seconds=time.monotonic() - started,
+            block_size=cache.block_size if cache else 0,
+            num_blocks=cache.num_blocks if cache else 0,
+        )
+        conn.send_bytes(encoder.encode(ready))
     except Exception as exc:
         conn.send_bytes(encoder.encode(Failed(message=f"{type(exc).__name__}: {exc}")))
         return
     try:
-        _Loop(pipe, conn, config.prefill_budget).run()
+        _Loop(pipe, conn, config.prefill_budget, cache).run()
     except (EOFError, OSError, KeyboardInterrupt):  # the worker is gone or stopping: nothing to answer
         pass
 
@@ -131,16 +152,53 @@ def _load(config: PipelineConfig) -> Any:
     return ov_genai.ContinuousBatchingPipeline(config.model_dir, scheduler, "CPU", properties)
 
 
-def _warm_up(pipe: Any) -> None:
+def _warm_up(pipe: Any) -> PrefixCache | None:
     """One short request through every stage, so that the first real one does not pay for the kernels'
-    first-use preparation (measured: TTFT 300 ms cold, 25-50 ms warm)."""
+    first-use preparation (measured: TTFT 300 ms cold, 25-50 ms warm).
+
+    It also measures the KV cache for the prefix-cache mirror: returns the mirror, holding the warm-up request's
+    blocks as the pipeline does, or None when the measure is not what a paged cache gives (see `measure_blocks`).
+    """
     import numpy as np
     import openvino as ov
 
     warm = Add(0, list(range(100, 164)), 4, 0.0, 1.0, 0, 1.0, 0.0, 0.0, 0)
-    pipe.add_request(0, ov.Tensor(np.asarray([warm.prompt_ids], dtype=np.int64)), generation_config(warm))
+    config = generation_config(warm)
+    config.ignore_eos = True  # its four tokens, always: the measure needs two
+    handle = pipe.add_request(0, ov.Tensor(np.asarray([warm.prompt_ids], dtype=np.int64)), config)
+    generated: list[int] = []
+    usage: list[float] = []
     while pipe.has_non_finished_requests():
         pipe.step()
+        tokens = [t for out in handle.read().values() for t in out.generated_ids] if handle.can_read() else []
+        if tokens:
+            generated.extend(tokens)
+            usage.append(pipe.get_metrics().cache_usage)
+    blocks = measure_blocks(len(warm.prompt_ids), usage)
+    if blocks is None:
+        return None
+    cache = PrefixCache(num_blocks=blocks[0], block_size=blocks[1])
+    cache.admit(0, warm.prompt_ids)
+    cache.extend(0, generated)
+    cache.release(0)
+    cache.queries = cache.hits = 0
+    return cache
+
+
+def measure_blocks(prompt_len: int, usage: list[float]) -> tuple[int, int] | None:
+    """(number of KV blocks, tokens per block) from one sequence's `cache_usage` (percent of blocks in use) at
+    the steps that gave its first and second token: its context is then `prompt_len` tokens, then one more, so
+    it holds prompt_len / block_size blocks, then one more. None when that does not hold (a block size that does
+    not divide `prompt_len`, or no second token)."""
+    if len(usage) < 2 or usage[0] <= 0 or usage[1] <= usage[0]:
+        return None
+    block = usage[1] - usage[0]  # one block, in percent
+    num_blocks, block_size = round(100 / block), round(prompt_len * block / usage[0])
+    if block_size < 1 or prompt_len % block_size:
+        return None
+    if abs(usage[0] - 100 * prompt_len / block_size / num_blocks) > block / 4:  # not a whole number of blocks
+        return None
+    return num_blocks, block_size
 
 
 def generation_config(add: Add) -> Any:
@@ -170,16 +228,19 @@ def generation_config(add: Add) -> Any:
 
 class _Entry:
     """A request in the pipeline: its handle (under a pipeline id of its own: a re-added request gets a new
-    one) and what has been generated so far."""
+    one), what has been generated so far, and its prompt tokens found in the prefix cache when it was first
+    added (sent with its first output)."""
 
-    def __init__(self, add: Add, handle: Any) -> None:
+    def __init__(self, add: Add, handle: Any, cached: int) -> None:
         self.add = add
         self.handle = handle
         self.generated = 0
+        self.cached = cached
+        self.reported = False
 
 
 class _Loop:
-    def __init__(self, pipe: Any, conn: Connection, prefill_budget: int) -> None:
+    def __init__(self, pipe: Any, conn: Connection, prefill_budget: int, cache: PrefixCache | None = None) -> None:
         import openvino as ov
         import openvino_genai as ov_genai
 
@@ -189,10 +250,11 @@ class _Loop:
         self.status = ov_genai.GenerationStatus
         self.reasons = ov_genai.GenerationFinishReason
         self.long_prompt = 2 * prefill_budget
+        self.cache = cache
         self.pipeline_ids = itertools.count(1)  # 0 was the warm-up request
         self.active: dict[int, _Entry] = {}  # by the worker's request id
         self.pending: list[Add] = []
-        self.readd: list[Add] = []
+        self.readd: list[_Entry] = []
         self.cancelled: set[int] = set()
 
     def run(self) -> None:
@@ -204,7 +266,11 @@ class _Loop:
                 entry = self.active.pop(request_id, None)
                 if entry is not None:
                     entry.handle.cancel()
-            self.readd = [add for add in self.readd if add.request_id not in self.cancelled]
+                    self._forget(request_id)
+            for entry in self.readd:
+                if entry.add.request_id in self.cancelled:
+                    self._forget(entry.add.request_id)
+            self.readd = [entry for entry in self.readd if entry.add.request_id not in self.cancelled]
             arrived = sorted(
                 (add for add in self.pending if add.request_id not in self.cancelled), key=lambda a: len(a.prompt_ids)
             )
@@ -213,29 +279,52 @@ class _Loop:
             readd, self.readd = self.readd, []
             if arrived:
                 self._yield_long_prefills(arrived)
-            for add in [*arrived, *readd]:
-                self._add(add)
+            for add in arrived:
+                cached = self.cache.admit(add.request_id, add.prompt_ids) if self.cache else 0
+                self.active[add.request_id] = _Entry(add, self._submit(add), cached)
+            for entry in readd:  # resumes from its own cached blocks: its count stays the one of its first add
+                entry.handle = self._submit(entry.add)
+                self.active[entry.add.request_id] = entry
             if not self.active:
                 if self.pipe.has_non_finished_requests():
                     self.pipe.step()  # lets the pipeline free (and cache) what cancelled requests held
+                    self._send(self._outputs([]))
                 continue
             try:
                 self.pipe.step()
             except Exception as exc:  # fails the requests in flight, never the process
                 failed = list(self.active)
-                for entry in self.active.values():
+                for request_id, entry in self.active.items():
                     entry.handle.cancel()
+                    self._forget(request_id)
                 self.active.clear()
                 self._send(StepFailed(request_ids=failed, message=f"{type(exc).__name__}: {exc}"))
                 continue
-            self._send(Outputs(items=self._collect()))
+            self._send(self._outputs(self._collect()))
 
-    def _add(self, add: Add) -> None:
+    def _submit(self, add: Add) -> Any:
         import numpy as np
 
         ids = self.ov.Tensor(np.asarray([add.prompt_ids], dtype=np.int64))
-        handle = self.pipe.add_request(next(self.pipeline_ids), ids, generation_config(add))
-        self.active[add.request_id] = _Entry(add, handle)
+        return self.pipe.add_request(next(self.pipeline_ids), ids, generation_config(add))
+
+    def _forget(self, request_id: int) -> None:
+        """The request left the pipeline: in the mirror its blocks stay cached, owned by no one."""
+        if self.cache is not None:
+            self.cache.release(request_id)
+
+    def _outputs(self, items: list[Output]) -> Outputs:
+        metrics = self.pipe.get_metrics()
+        running = self.pipe.has_non_finished_requests()
+        return Outputs(
+            items=items,
+            # With nothing left in the pipeline no block is held (the last step's figure still counts the blocks
+            # of the requests it finished).
+            kv_usage=metrics.cache_usage / 100 if running else 0.0,
+            waiting=(max(metrics.requests - metrics.scheduled_requests, 0) if running else 0) + len(self.readd),
+            prefix_queries=self.cache.queries if self.cache else 0,
+            prefix_hits=self.cache.hits if self.cache else 0,
+        )
 
     def _yield_long_prefills(self, arrived: list[Add]) -> None:
         """Newcomers go before long prompts still being prefilled.
@@ -252,7 +341,7 @@ class _Loop:
             if entry.generated == 0 and prompt > self.long_prompt and prompt > 2 * shortest:
                 entry.handle.cancel()
                 del self.active[request_id]
-                self.readd.append(entry.add)
+                self.readd.append(entry)
 
     def _release_all(self) -> None:
         """Cancel what is left and let the pipeline free its KV blocks (a clean exit, no leak report)."""
@@ -294,6 +383,8 @@ class _Loop:
                         finish = finish or "stop"
             state = handle.get_status()
             entry.generated += len(tokens)
+            if self.cache is not None:
+                self.cache.extend(request_id, tokens)
             if state == self.status.IGNORED:
                 finish = "ignored"
             elif state != self.status.RUNNING and not finish:
@@ -302,8 +393,11 @@ class _Loop:
                 del self.active[request_id]
                 if state == self.status.RUNNING:
                     handle.cancel()
+                self._forget(request_id)
             if tokens or finish:
-                out.append(Output(request_id, tokens, finish, logprobs))  # type: ignore[arg-type]
+                cached = 0 if entry.reported else entry.cached
+                entry.reported = True
+                out.append(Output(request_id, tokens, finish, logprobs, cached))  # type: ignore[arg-type]
         return out
 
     def _send(self, event: Event) -> None:

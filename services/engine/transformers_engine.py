@@ -13,7 +13,7 @@ import torch
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import GenerationParams
 from services.engine import adapters as lora
-from services.engine.base import Engine, StepInbox, TokenStep
+from services.engine.base import Engine, EngineStats, StepInbox, TokenStep
 from services.engine.batcher import Batcher, Sequence
 from services.engine.grammar import Constraint, Grammars, check_schema
 
@@ -120,6 +120,10 @@ class TransformersEngine(Engine):
     @property
     def busy(self) -> int:
         return self._batcher.busy if self._batcher else 0
+
+    def stats(self) -> EngineStats:
+        # No prefix cache and no paged KV cache (each sequence's cache is its own): only the queue.
+        return EngineStats(waiting=self._batcher.waiting if self._batcher else 0)
 
     async def _constraint(self, schema: str) -> Constraint:
         """Raises CyError(INVALID_REQUEST) for an unusable schema or when xgrammar is not installed."""

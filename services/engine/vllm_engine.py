@@ -40,7 +40,7 @@ import structlog
 from schemas.errors import CyError, ErrorCode
 from schemas.inference import FinishReason, GenerationParams, TokenLogprob, TopLogprob
 from services.engine import vllm_tuning as tuning
-from services.engine.base import Engine, TokenStep
+from services.engine.base import Engine, EngineStats, TokenStep
 from services.models.files import ensure_model
 from services.models.registry import ModelSpec
 from services.runtime import load_settings
@@ -158,6 +158,9 @@ class VllmEngine(Engine):
         self._driver: _AsyncDriver | _SyncDriver | None = None
         self._adapters: dict[str, _Adapter] = {}
         self._lora_ids = itertools.count(1)
+        # Prompt tokens looked up in vLLM's prefix cache and found there (its `num_cached_tokens` per request).
+        self._prefix_queries = 0
+        self._prefix_hits = 0
         for adapter, path in spec.adapters.items():
             self._register(adapter, path)
 
@@ -392,6 +395,11 @@ class VllmEngine(Engine):
         """Requests vLLM still holds (running or waiting); 0 once every stream finished or aborted."""
         return self._driver.unfinished() if self._driver else 0
 
+    def stats(self) -> EngineStats:
+        # KV usage and the waiting queue are in vLLM's scheduler stats, which this engine turns off
+        # (disable_log_stats): not reported.
+        return EngineStats(prefix_cache_queries=self._prefix_queries, prefix_cache_hits=self._prefix_hits)
+
     async def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: str) -> AsyncIterator[TokenStep]:
         if self._driver is None:
             raise CyError(ErrorCode.MODEL_NOT_READY, "the vLLM engine is not started")
@@ -402,15 +410,21 @@ class VllmEngine(Engine):
         request_id = uuid.uuid4().hex
         outputs = self._driver.stream(request_id, prompt_ids, sampling_params(params, max_tokens), lora)
         finished = False
+        cached: int | None = None  # vLLM's prefix-cache hit for this prompt, known from its first output
         try:
             async for out in outputs:
                 completion = out.outputs[0]
                 finished = bool(out.finished)
                 reason = _finish(completion.finish_reason) if finished else None
+                if cached is None:
+                    cached = int(out.num_cached_tokens or 0)
+                    self._prefix_queries += len(prompt_ids)
+                    self._prefix_hits += cached
                 if completion.token_ids or reason is not None:
                     ids = list(completion.token_ids)
                     logprobs = step_logprobs(ids, completion.logprobs, params.top_logprobs) if params.logprobs else None
-                    yield TokenStep(ids, reason, logprobs)
+                    yield TokenStep(ids, reason, logprobs, cached)
+                    cached = 0
                 if finished:
                     return
         except CyError:

@@ -105,7 +105,9 @@ class Worker:
         self._adapters: AdapterSync | None = None
         self._reensuring: asyncio.Task[Any] | None = None
         self._reensured_at = 0.0
-        self.metrics = metrics.WorkerMetrics(self.worker_id, self.model_id, lambda: (self.engine.slots, self._busy))
+        self.metrics = metrics.WorkerMetrics(
+            self.worker_id, self.model_id, lambda: (self.engine.slots, self._busy), lambda: self.engine.stats()
+        )
         self._metrics_server: metrics.MetricsServer | None = None
         self._service: Any = None  # the NATS micro service (services/discovery.py)
 
@@ -453,7 +455,7 @@ class Worker:
         assert task is not None
         self._active[trace_id] = task
         started = time.monotonic()
-        stats: dict[str, Any] = {"prompt_tokens": 0, "completion_tokens": 0, "ttft_ms": None}
+        stats: dict[str, Any] = {"prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "ttft_ms": None}
         outcome = "ok"
         try:
             if not subjects.is_valid_trace_id(trace_id):
@@ -554,6 +556,7 @@ class Worker:
             completion_tokens=stats["completion_tokens"],
             chunks=stats.get("chunks", 0),
             worker_id=self.worker_id,
+            cached_tokens=stats["cached_tokens"],
         )
 
     async def _generate(self, req: GenerateRequest, started: float, stats: dict[str, Any]) -> StreamEnd:
@@ -594,6 +597,8 @@ class Worker:
             async for step in steps:
                 if stats["ttft_ms"] is None:
                     stats["ttft_ms"] = round((time.monotonic() - started) * 1000, 1)
+                if step.cached_tokens:
+                    stats["cached_tokens"] = step.cached_tokens
                 chunk = chunker.feed(step)
                 stats["completion_tokens"] = chunker.completion_tokens
                 if chunk is not None:
@@ -612,6 +617,7 @@ class Worker:
             worker_id=self.worker_id,
             ttft_ms=stats["ttft_ms"] or 0.0,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
+            cached_tokens=stats["cached_tokens"],
         )
         await self._publish(trace_id, end)
         return end

@@ -67,3 +67,18 @@ def test_a_v1_worker_heartbeat_decodes() -> None:
     )
     info = codec.worker_decoder.decode(old)
     assert isinstance(info, WorkerInfo) and info.slots_busy == 0 and not info.draining
+
+
+def test_a_stream_end_from_a_worker_without_cached_tokens_decodes_with_zero() -> None:
+    old = msgspec.msgpack.encode(
+        {
+            "type": "end",
+            "trace_id": "t",
+            "finish_reason": "stop",
+            "prompt_tokens": 3,
+            "completion_tokens": 4,
+            "chunks": 1,
+        }
+    )
+    end = codec.reply_decoder.decode(old)
+    assert isinstance(end, StreamEnd) and end.cached_tokens == 0 and end.prompt_tokens == 3
