@@ -60,6 +60,8 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     tool_choice: str = "auto"
     parallel_tool_calls: bool = True
     max_tool_calls: int | None = None
+    # Of input_tokens, those the engine served from its prefix cache (0 in records stored before this field).
+    cached_tokens: int = 0
 
 
 response_decoder = msgspec.msgpack.Decoder(StoredResponse)

@@ -112,6 +112,7 @@ class Turn:
             output=msgspec.structs.replace(self.record.output, content=["".join(outcome.text)]),
             input_tokens=outcome.prompt_tokens,
             output_tokens=outcome.completion_tokens,
+            cached_tokens=outcome.cached_tokens,
         )
         return self.record
 
@@ -202,7 +203,7 @@ def render(
         top_p=record.top_p,
         usage=ResponseUsage(
             input_tokens=record.input_tokens,
-            input_tokens_details=InputTokensDetails(),
+            input_tokens_details=InputTokensDetails(cached_tokens=record.cached_tokens),
             output_tokens=record.output_tokens,
             output_tokens_details=OutputTokensDetails(),
             total_tokens=record.input_tokens + record.output_tokens,

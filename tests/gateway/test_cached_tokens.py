@@ -112,6 +112,19 @@ async def test_completions_report_cached_tokens_streamed_or_not(openai_client: A
 
 @pytest.mark.slow
 @needs_openvino
+async def test_a_responses_conversation_reports_its_earlier_turns_as_cached(openai_client: AsyncOpenAI) -> None:
+    """The second turn's prompt begins with the first turn's whole conversation: the prefix cache has it."""
+    first = await openai_client.responses.create(model=MODEL, input=long_text(), max_output_tokens=4, temperature=0)
+    again = await openai_client.responses.create(
+        model=MODEL, input="And then?", previous_response_id=first.id, max_output_tokens=4, temperature=0
+    )
+    assert first.usage and again.usage
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    assert first.usage.input_tokens - BLOCK < again.usage.input_tokens_details.cached_tokens < again.usage.input_tokens
+
+
+@pytest.mark.slow
+@needs_openvino
 async def test_the_worker_counts_prefix_cache_queries_and_hits_and_shows_kv_usage_while_it_runs(
     ov: tuple[Gateway, Worker], openai_client: AsyncOpenAI
 ) -> None:
