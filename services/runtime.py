@@ -212,6 +212,12 @@ class Tasks:
         if not self._tasks:
             return
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        if pending:  # say what held the close up (a drain that runs out is a bug to find, not only a wait)
+            structlog.get_logger().warning(
+                "tasks_cancelled_at_close",
+                timeout=timeout,
+                tasks=[f"{t.get_name()}: {_where(t)}" for t in pending],
+            )
         for task in pending:
             task.cancel()
         if pending:
@@ -220,6 +226,15 @@ class Tasks:
     def cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """The innermost line `task` waits at."""
+    frames = task.get_stack()
+    if not frames:
+        return "?"
+    code = frames[-1].f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{frames[-1].f_lineno} in {code.co_name}"
 
 
 def raise_if_cancelled() -> None:

@@ -46,7 +46,7 @@ from services.metrics import MetricsServer, TrainerMetrics
 from services.metrics import serve as serve_metrics
 from services.models.files import ensure_model
 from services.models.registry import Registry, load_registry
-from services.runtime import Tasks, close_nats, connect_nats
+from services.runtime import Tasks, close_nats, connect_nats, raise_if_cancelled
 from services.trainer import loop
 from services.trainer.settings import TrainerSettings
 from services.training.dataset_store import DatasetStore
@@ -336,6 +336,9 @@ class Trainer:
                 self._obey(bridge, await self.records.mutate(bridge.job.job_id, beat))
             except Exception as exc:  # disconnected: keep trying, the client reconnects
                 log.warning("training_keepalive_failed", error=repr(exc))
+            # The job's end cancels this task; nats-py's wait_for can swallow that cancel (services/runtime.py),
+            # and this loop then beat on until the trainer's drain ran out (60 s at every stop after a job).
+            raise_if_cancelled()
 
     async def _pump(self, bridge: _Bridge) -> None:
         """Reports from the training thread -> events stream, and (throttled) -> the job record."""
