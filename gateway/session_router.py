@@ -30,6 +30,7 @@ class SessionRouter:
         self.workers = workers
         self._owner: OrderedDict[str, str] = OrderedDict()  # affinity key -> worker id
         self._in_flight: Counter[str] = Counter()  # worker id -> requests this gateway hinted there, not ended
+        self._held: Counter[str] = Counter()  # worker id -> sessions in `_owner` that it holds (kept in step)
 
     def pick(self, request: GenerateRequest) -> str:
         """The worker to hint for `request` ("" = the shared tier)."""
@@ -44,8 +45,7 @@ class SessionRouter:
             owner = next((wid for wid, w in candidates.items() if key in w.sessions), None)
         if owner is not None:
             return owner if self._load(candidates[owner]) < 1.0 else ""
-        held = Counter(self._owner.values())
-        best = min(candidates.values(), key=lambda w: (self._load(w), held[w.worker_id], w.worker_id))
+        best = min(candidates.values(), key=lambda w: (self._load(w), self._held[w.worker_id], w.worker_id))
         if self._load(best) >= 1.0:
             return ""
         self._remember(key, best.worker_id)
@@ -67,10 +67,18 @@ class SessionRouter:
             self._remember(key, served_by)
 
     def _remember(self, key: str, worker_id: str) -> None:
+        previous = self._owner.pop(key, None)
+        if previous is not None:
+            self._drop_held(previous)
         self._owner[key] = worker_id
-        self._owner.move_to_end(key)
+        self._held[worker_id] += 1
         while len(self._owner) > REMEMBERED_SESSIONS:
-            self._owner.popitem(last=False)
+            self._drop_held(self._owner.popitem(last=False)[1])
+
+    def _drop_held(self, worker_id: str) -> None:
+        self._held[worker_id] -= 1
+        if self._held[worker_id] <= 0:
+            del self._held[worker_id]
 
     def _serving(self, request: GenerateRequest) -> list[WorkerInfo]:
         """Live workers that serve the request's model (and have its adapter loaded, when it names one)."""
